@@ -1,0 +1,1 @@
+"""Data: sources, mixing, tokenisation, packing and resumable loaders."""

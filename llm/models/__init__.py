@@ -1,0 +1,1 @@
+"""Models: Multi-head Latent Attention, PEER and dense FFNs, the foundation decoder."""

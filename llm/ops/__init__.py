@@ -1,0 +1,1 @@
+"""Custom operations: fused Triton kernels and the torch references they are tested against."""

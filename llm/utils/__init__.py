@@ -1,0 +1,1 @@
+"""Utilities: evaluation and expert-usage analysis."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, benchmark adapters, model size and FLOP counts."""

@@ -1,0 +1,1 @@
+"""Expert-usage tracking and metrics for PEER layers."""
