@@ -159,7 +159,9 @@ class DataSourceConfig:
     text_field: str = "text"  # field holding the document text
     template: str | None = None  # Python format string over the record's fields, replaces text_field
     weight: float = 1.0  # sampling weight (normalised across the mix)
-    min_chars: int = 0  # drop documents shorter than this
+    min_chars: int = 0  # drop documents shorter than this, characters
+    max_chars: int = 0  # drop documents longer than this, characters (0 = no limit)
+    sample_by: str = "paragraph"  # local .txt files: one document per line | paragraph (blank-line separated) | document (file)
 
 
 @dataclass

@@ -188,6 +188,9 @@ def validate_dataset_config(cfg: DatasetConfig, prefix: str = "dataset_config") 
         require_choice(src.type, s + "type", ["hub", "local", "embedded"])
         require(src.type == "embedded" or bool(src.path), s + "path", src.path, "must name a dataset or file")
         require(src.weight >= 0 and math.isfinite(src.weight), s + "weight", src.weight, "must be a finite number >= 0")
+        require_choice(src.sample_by, s + "sample_by", ["line", "paragraph", "document"])
+        require(src.min_chars >= 0, s + "min_chars", src.min_chars, "must be >= 0")
+        require(src.max_chars >= 0, s + "max_chars", src.max_chars, "must be >= 0 (0 = no limit)")
     if cfg.sources:
         weights = [s.weight for s in cfg.sources]
         require(sum(weights) > 0, k + "sources", weights, "weights must not all be zero")

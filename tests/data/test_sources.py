@@ -1,0 +1,50 @@
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llm.config.defaults import DatasetConfig, DataSourceConfig
+from llm.config.errors import ConfigError
+from llm.data.sources import iter_source_texts, load_mix, resolve_sources
+
+
+def _texts(**src):
+    return list(iter_source_texts(DataSourceConfig(name="s", type="local", **src), "train"))
+
+
+def test_every_local_format(tmp_path):
+    records = [{"text": "first doc", "title": "A"}, {"text": "second doc", "title": "B"}]
+    with gzip.open(tmp_path / "r.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(r) for r in records))
+    (tmp_path / "r.json").write_text(json.dumps(records))
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "r.parquet")
+    (tmp_path / "r.txt").write_text("para one\nstill one\n\npara two\n")
+    want = ["first doc", "second doc"]
+    assert _texts(path=str(tmp_path / "r.jsonl.gz")) == want
+    assert _texts(path=str(tmp_path / "r.json")) == want
+    assert _texts(path=str(tmp_path / "r.parquet")) == want
+    assert _texts(path=str(tmp_path / "r.txt")) == ["para one\nstill one", "para two"]
+    assert _texts(path=str(tmp_path / "r.txt"), sample_by="line") == ["para one", "still one", "para two"]
+    assert _texts(path=str(tmp_path / "r.*"), template="{title}: {text}")[:2] == ["A: first doc", "B: second doc"]
+    assert _texts(path=str(tmp_path / "r.json"), min_chars=10) == ["second doc"]
+    with pytest.raises(ValueError, match="not a .jsonl"):
+        (tmp_path / "x.csv").write_text("a,b")
+        _texts(path=str(tmp_path / "x.csv"))
+
+
+def test_mixes_file(tmp_path):
+    mixes = tmp_path / "d.yaml"
+    mixes.write_text(yaml.safe_dump({"mixes": {"m": [{"name": "x", "type": "embedded", "weight": 2}], "bad": [{"nmae": "x"}]}}))
+    assert [s.name for s in load_mix(str(mixes), "m")] == ["x"]
+    with pytest.raises(ConfigError, match=r"mixes.bad\[0\].nmae: unknown key"):
+        load_mix(str(mixes), "bad")
+    with pytest.raises(ConfigError, match="defines: bad, m"):
+        load_mix(str(mixes), "zzz")
+    assert resolve_sources(DatasetConfig(mix="embedded", datasets_file=str(tmp_path / "none.yaml")))[0].type == "embedded"
+    shipped = yaml.safe_load(open("configs/datasets.yaml"))["mixes"]
+    assert {"embedded", "web_mix"} <= set(shipped)
+    for name in shipped:
+        assert load_mix("configs/datasets.yaml", name)
