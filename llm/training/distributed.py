@@ -1,0 +1,143 @@
+"""torchrun environment -> process group, model wrapping (DDP or FSDP2), and small collectives.
+
+Launched by ``torchrun``, every process finds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` in its
+environment; without them the run is a single process and every collective here is a no-op, so the
+trainer calls them unconditionally. Backend: NCCL on CUDA, gloo on CPU (CI runs 2 gloo processes).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llm.config.defaults import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(train_config: TrainConfig, local_rank: int = 0) -> torch.device:
+    if train_config.device == "cuda" or (train_config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train_config.device: 'cuda' but no CUDA device is available; use auto or cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(train_config: TrainConfig) -> DistInfo:
+    """Read the torchrun environment, pick the device and (when WORLD_SIZE > 1) join the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(train_config, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # A generous timeout: rank 0 may spend minutes writing a checkpoint while others wait.
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank only if ``flag`` is true on every rank (agreement on success/failure)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item()) == 0
+
+
+def any_true(flag: bool) -> bool:
+    return not all_true(not flag)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` over ranks (returns a new tensor on the input's device)."""
+    if not dist.is_initialized():
+        return values.clone()
+    t = values.detach().to(_collective_device()).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.to(values.device)
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def wrap_model(module: nn.Module, inner: nn.Module, train_config: TrainConfig, info: DistInfo) -> nn.Module:
+    """Wrap the training module for data parallelism.
+
+    ``module`` is what the loop calls (a loss wrapper around ``inner``, the model). DDP wraps ``module``;
+    FSDP2 shards each child of ``inner``'s ModuleLists (the blocks), then ``inner`` itself, so the
+    checkpointer sees the model's own parameter names. Single-process runs are returned unchanged.
+    """
+    if not info.enabled:
+        return module
+    if train_config.distributed == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for child in inner.modules():
+            if isinstance(child, nn.ModuleList):
+                for block in child:
+                    fully_shard(block)
+        fully_shard(inner)
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(module, device_ids=device_ids)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(module, "module") and isinstance(module.module, nn.Module):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
