@@ -50,8 +50,10 @@ class YarnConfig:
     original_max_position_embeddings: int = 4096  # context length the model was trained at, tokens
     beta_fast: float = 32.0  # high-frequency boundary of the interpolation ramp, rotations
     beta_slow: float = 1.0  # low-frequency boundary of the interpolation ramp, rotations
-    mscale: float = 1.0  # attention-temperature coefficient m in 0.1*m*ln(factor)+1
-    mscale_all_dim: float = 0.0  # when > 0, the cos/sin scale is mscale(factor, mscale)/mscale(factor, this)
+    mscale: float = 1.0  # attention-temperature coefficient m in 0.1*m*ln(factor)+1; softmax scale x mscale(factor, m)^2
+    # when > 0 (DeepSeek-V3: 1.0), the softmax uses this coefficient instead and cos/sin are scaled by
+    # mscale(factor, mscale)/mscale(factor, this) (Hugging Face's rule; llm/models/rope.py)
+    mscale_all_dim: float = 0.0
 
 
 @dataclass

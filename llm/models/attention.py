@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "cudnn", "flash", "efficient", "flex", "math")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     logger.info(message)
 
@@ -70,7 +70,7 @@ def resolve_attention_backend(requested: str, q: torch.Tensor, v: torch.Tensor, 
     return choice
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
@@ -161,7 +161,7 @@ def assemble_qkv(q, kv, k_pe, cos, sin, nope_dim: int):
     return q, k, kv[..., nope_dim:]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled_assemble_qkv():
     return torch.compile(assemble_qkv, dynamic=None)
 

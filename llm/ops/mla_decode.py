@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DECODE_BACKENDS = ("auto", "flash_mla", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _log_once(message: str) -> None:
     logger.info(message)
 

@@ -119,19 +119,16 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-def default_num_splits(programs: int, total: int, block_n: int, device: torch.device) -> int:
-    """Sequence slices per program so the grid fills whole waves of SMs (a partial last wave idles SMs).
+def default_num_splits(programs: int, total: int, block_m: int, device: torch.device) -> int:
+    """Sequence slices per (batch, row block) program.
 
-    Picks the smallest count in 1..16 with at least one program per SM and the best wave efficiency.
+    With small row blocks several programs per SM keep enough loads in flight (H200, H=16, B=64: 8 slices
+    2.52 TB/s, 6 slices 2.35 TB/s at the same launch settings); 64-row blocks hold more registers, so fewer
+    fit and about two per SM measured best (H=128: 2 slices 0.99 TB/s, 4 slices 0.90).
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    best, best_eff = 1, -1.0
-    for splits in range(1, min(16, triton.cdiv(total, block_n)) + 1):
-        ctas = programs * splits
-        eff = ctas / (triton.cdiv(ctas, sms) * sms) if ctas >= sms else ctas / sms / 2
-        if eff > best_eff + 1e-9:
-            best, best_eff = splits, eff
-    return best
+    per_sm = 4 if block_m <= 16 else 2
+    return max(1, min(16, round(per_sm * sms / programs), triton.cdiv(total, 16)))
 
 
 def mla_decode_triton(
@@ -143,17 +140,23 @@ def mla_decode_triton(
     scale: float,
     num_splits: int | None = None,
     block_m: int | None = None,
-    block_n: int = 32,
-    num_warps: int = 4,
+    block_n: int | None = None,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Absorbed attention over a paged latent cache; same contract as ``mla_decode_reference``.
 
     q (B, Tq, H, C) = [absorbed q_nope | roped q_pe]; kv (pages, 64, 1, C) paged cache already holding the
     new tokens; block_table (B, pages per sequence) int32. Returns (B, Tq, H, L) in q's dtype.
-    num_splits: sequence slices per (batch, row block); None sizes the grid to about two waves of SMs.
+    num_splits: sequence slices per (batch, row block); None: ``default_num_splits``.
+    block_m / block_n / num_warps: None picks settings that measured near-best on an H200 (benchmarks/mla.py,
+    RESULTS.md): 16 rows, 32 tokens, 4 warps for up to 16 query rows; 64 rows, 64 tokens, 8 warps beyond.
     """
     b, tq, h, c = q.shape
+    small = tq * h <= 16
+    block_m = block_m or (16 if small else 64)
+    block_n = block_n or (32 if small else 64)
+    num_warps = num_warps or (4 if block_m <= 16 else 8)
     assert kv.shape[1] == PAGE and kv.shape[-1] == c, "kv must be (pages, 64, 1, L + R)"
     assert PAGE % block_n == 0, "a block of tokens must not straddle pages"
     rope = c - kv_lora_rank
@@ -162,10 +165,9 @@ def mla_decode_triton(
     q2 = q.reshape(b, rows, c)  # (B, M, C)
     if q2.stride(-1) != 1:
         q2 = q2.contiguous()
-    block_m = block_m or min(64, _pow2(rows))
     row_blocks = triton.cdiv(rows, block_m)
     if num_splits is None:
-        num_splits = default_num_splits(b * row_blocks, total, block_n, q.device)
+        num_splits = default_num_splits(b * row_blocks, total, block_m, q.device)
     tokens_per_split = triton.cdiv(triton.cdiv(total, num_splits), block_n) * block_n
     num_splits = triton.cdiv(total, tokens_per_split)
 
