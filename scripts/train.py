@@ -1,12 +1,20 @@
 #!/usr/bin/env python
-"""Train a model from a YAML config.
+"""Train a model from a YAML config (single process, or one process per GPU under torchrun).
 
     python scripts/train.py --config configs/tiny.yaml [--set train_config.lr=3e-4 ...]
+    python scripts/train.py --config configs/tiny.yaml --resume            # latest valid checkpoint
+    python scripts/train.py --config configs/tiny.yaml --resume runs/tiny/checkpoints/step_00000100
+    torchrun --nproc-per-node 2 scripts/train.py --config configs/tiny.yaml
+
+Exit status: 0 finished or interrupted (checkpoint saved), 1 stopped on non-finite losses,
+2 bad input (config, output directory, checkpoint) reported in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from llm.config import ConfigError, dump_config, load_config
@@ -18,16 +26,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value by dotted key, e.g. train_config.lr=3e-4 (repeatable)",
-    )
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="PATH",
+        help="continue from the latest valid checkpoint of output_dir, or from PATH (a checkpoint or run folder)",
+    )  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+
+    from llm.training.checkpoint import CheckpointError
+    from llm.training.train import train
+
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        if args.print_config:
+            print(dump_config(config), end="")
+            return 0
+        result = train(config, resume=args.resume)
+    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(dump_config(config), end="")
-    return 0
+    return 1 if result.status == "nonfinite" else 0
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def summarize(counts: torch.Tensor, product_key_dim: list[int], top: int = 5) ->
         "kl_uniform": kl_from_uniform(counts),
         f"top{top}_share": float(sum(shares)),
         "top1_share": shares[0] if shares else 0.0,
-        "hottest": ",".join(f"{i}:{s:.4f}" for i, s in zip(ids, shares)),
+        "hottest": ",".join(f"{i}:{s:.4f}" for i, s in zip(ids, shares, strict=True)),
     }
     for p, dead in enumerate(dead_subkeys(counts, product_key_dim)):
         out[f"dead_subkeys_p{p}"] = float(dead)

@@ -1,0 +1,456 @@
+"""The training loop. It composes the components of ``llm/training`` and ``llm/utils``; it implements none.
+
+``train(config, resume)`` builds tokenizer, model, optimiser, schedule, data, checkpointer, loggers and
+the expert-usage tracker, optionally restores a checkpoint, runs the loop, then saves, evaluates and
+prints a sample. One step = ``grad_accum_steps`` micro-batches per rank, one clipped optimiser update.
+
+Robustness rules (issue 8): a non-finite gradient norm skips the update and is counted, and after
+``max_consecutive_nonfinite`` in a row the run stops without overwriting the last good checkpoint;
+SIGTERM/SIGINT finish the current step, checkpoint and exit; ``metrics.jsonl`` is always written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from llm.config import Config, ConfigError, save_config
+from llm.config.defaults import ModelConfig, TrainConfig
+from llm.training import distributed
+from llm.training.checkpoint import Checkpointer, checkpoint_step, set_rng_state
+from llm.training.metrics import Throughput, build_logger, memory_gib, peak_flops
+from llm.training.optim import build_optimizer, clip_grad_norm
+from llm.training.schedule import apply_lr, build_schedule
+from llm.utils.experts.tracking import ExpertUsageTracker
+
+log = logging.getLogger("llm.train")
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (``trainer.pt``)."""
+
+    step: int = 0  # optimiser steps taken (skipped non-finite steps included)
+    tokens: int = 0  # training tokens consumed, all ranks
+    nonfinite_steps: int = 0  # updates skipped because the gradient norm was NaN/inf
+    consecutive_nonfinite: int = 0
+    wandb_id: str = ""  # so a resumed run continues the same W&B run
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | interrupted | nonfinite
+    step: int
+    tokens: int
+    output_dir: str
+    checkpoint: str | None = None
+    val: dict[str, float] = field(default_factory=dict)
+    sample: str | None = None
+
+
+class LossModule(nn.Module):
+    """What DDP and torch.compile wrap: ``forward`` is the model's loss, so DDP's gradient hooks fire."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None):
+        """input_ids, labels, doc_ids (B, T) -> (scalar loss, parts)."""
+        return self.model.loss(input_ids, labels, doc_ids)
+
+
+def train(config: Config, resume: str | None = None) -> TrainResult:
+    """Train ``config``; ``resume`` = None (fresh), 'latest' or a checkpoint/run folder."""
+    tc, dc, mc = config.train_config, config.dataset_config, config.model_config
+    out = prepare_output_dir(tc.output_dir)
+    info = distributed.init_distributed(tc)
+    try:
+        from llm.data import build_tokenizer, build_train_loader
+        from llm.models.foundation import FoundationModel
+
+        seed_everything(tc.seed)  # identical model init on every rank
+        tokenizer = build_tokenizer(dc)
+        check_vocab(tokenizer.vocab_size, mc)
+        model = FoundationModel(mc).to(info.device)
+        loss_module = distributed.wrap_model(prepare_model(model, tc), model, tc, info)
+        optimizer = build_optimizer(tc, model)
+        total_steps = total_training_steps(tc, dc.seq_len, info.world_size)
+        schedule = build_schedule(tc, total_steps)
+        loader = build_train_loader(dc, tokenizer, tc.batch_size, info.rank, info.world_size)
+        sharded = tc.distributed == "fsdp" and info.enabled
+        checkpointer = Checkpointer(out, tc.keep_last_checkpoints, tc.keep_every_n_steps, info, sharded)
+        tracker = ExpertUsageTracker(
+            model.peer_modules(), mc.peer_config.product_key_dim, mc.peer_config.log_freq,
+            out / "expert_usage", distributed.all_reduce_sum,
+        )  # fmt: skip
+        state, rng = TrainState(), None
+        if resume:
+            state, rng = restore(checkpointer, resume, model, optimizer, loader, tracker, config, info)
+        logger = build_logger(config, info.is_main, total_steps, state.step if resume else None, state.wandb_id)
+        state.wandb_id = logger.wandb_id or state.wandb_id
+        describe_run(config, out, info, model, total_steps, state.step)
+        # RNG last, after every setup step that might draw from it: a resumed run continues the exact
+        # streams of the interrupted one; a fresh run starts from the seed (per rank: dropout differs).
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            seed_everything(tc.seed + info.rank)
+        loop = Loop(
+            config, info, model, loss_module, optimizer, schedule, tokenizer, loader, checkpointer, logger, tracker
+        )
+        with StopSignals() as signals:
+            status = loop.run(state, total_steps, signals)
+        result = loop.finish(state, status)
+        logger.close()
+        return result
+    finally:
+        distributed.cleanup()
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------
+
+
+class Loop:
+    """The per-step work of ``train``: accumulate, clip, update, log, track, evaluate, checkpoint."""
+
+    def __init__(
+        self, config, info, model, loss_module, optimizer, schedule, tokenizer, loader, checkpointer, logger, tracker
+    ):
+        self.config, self.tc = config, config.train_config
+        self.info, self.model, self.loss_module, self.optimizer = info, model, loss_module, optimizer
+        self.schedule, self.tokenizer, self.loader, self.checkpointer = schedule, tokenizer, loader, checkpointer
+        self.logger, self.tracker = logger, tracker
+        self.autocast_dtype = autocast_dtype(self.tc, info.device)
+        self.tokens_per_step = (
+            self.tc.batch_size * config.dataset_config.seq_len * self.tc.grad_accum_steps * info.world_size
+        )
+        self.batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self.last_checkpoint: Path | None = None
+
+    def run(self, state: TrainState, total_steps: int, signals: StopSignals) -> str:
+        tc = self.tc
+        from llm.utils.eval.size import flops_per_token
+
+        peak = peak_flops(self.info.device)
+        fpt = flops_per_token(self.config.model_config, self.config.dataset_config.seq_len)["training"]
+        meter = Throughput(fpt, peak * self.info.world_size if peak else None, total_steps, state.step)
+        meter.start(state.step, state.tokens)
+        self.batches = iter(self.loader)
+        while state.step < total_steps:
+            lr = self.schedule.lr(state.step)
+            apply_lr(self.optimizer, lr)
+            loss, grad_norm, finite = self.train_step()
+            state.step += 1
+            state.tokens += self.tokens_per_step
+            state.nonfinite_steps += not finite
+            state.consecutive_nonfinite = 0 if finite else state.consecutive_nonfinite + 1
+            if state.step % tc.log_interval == 0 or state.step == total_steps or not finite:
+                self.log_step(state, loss, lr, grad_norm, meter)
+            if state.consecutive_nonfinite >= tc.max_consecutive_nonfinite:
+                return "nonfinite"
+            if self.tracker.due(state.step):
+                self.logger.log(self.tracker.collect(state.step, write_images=self.info.is_main), state.step)
+            if self.config.eval_config.eval_interval and state.step % self.config.eval_config.eval_interval == 0:
+                self.evaluate(state.step)
+            if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
+                self.save(state)
+            if distributed.any_true(signals.received is not None):
+                return "interrupted"
+        return "completed"
+
+    def train_step(self) -> tuple[torch.Tensor, float, bool]:
+        """One update over ``grad_accum_steps`` micro-batches: (mean loss, grad norm before clipping, finite)."""
+        accum = self.tc.grad_accum_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.info.device)
+        for micro in range(accum):
+            batch = self.next_batch()
+            with self.grad_sync(micro == accum - 1):
+                with self.autocast():
+                    loss, _ = self.loss_module(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
+                (loss / accum).backward()
+            total += loss.detach().float()
+        norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None], self.tc.grad_clip)
+        grad_norm = float(norm)  # the step's one host sync: all ranks see the same all-reduced norm
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        return total / accum, grad_norm, finite
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        batch = next(self.batches, None)
+        if batch is None:  # a finite stream: start the next pass
+            self.batches = iter(self.loader)
+            batch = next(self.batches)
+        return {k: v.to(self.info.device, non_blocking=True) for k, v in batch.items()}
+
+    def grad_sync(self, sync: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+        if isinstance(self.loss_module, nn.parallel.DistributedDataParallel) and not sync:
+            return self.loss_module.no_sync()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.autocast_dtype)
+
+    def log_step(self, state: TrainState, loss: torch.Tensor, lr: float, grad_norm: float, meter: Throughput) -> None:
+        mean_loss = float(distributed.all_reduce_sum(loss.reshape(1))) / self.info.world_size
+        metrics: dict[str, Any] = {"loss": mean_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens}
+        metrics["nonfinite_steps"] = state.nonfinite_steps
+        metrics.update(meter.measure(state.step, state.tokens))
+        metrics["memory_gib"] = memory_gib(self.info.device)
+        if hasattr(self.loader, "mix_report") and len(getattr(self.loader.plan, "sources", [])) > 1:
+            metrics.update(self.loader.mix_report())
+        self.logger.log(metrics, state.step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        from llm.data import build_val_loader
+        from llm.utils.eval.perplexity import evaluate_perplexity
+
+        dc = self.config.dataset_config
+        val = build_val_loader(dc, self.tokenizer, self.tc.batch_size, self.info.rank, self.info.world_size)
+        result = evaluate_perplexity(
+            self.model, val, self.config.eval_config.eval_batches, self.info.device, self.autocast_dtype
+        )
+        self.logger.log({"val_loss": result["loss"], "val_perplexity": result["perplexity"]}, step)
+        return result
+
+    def save(self, state: TrainState) -> Path:
+        trainer_state = {**asdict(state), "schedule": self.schedule.state_dict()}
+        rank_state = {"data": self.loader.state_dict(), "experts": self.tracker.state_dict()}
+        path = self.checkpointer.save(state.step, self.model, self.optimizer, trainer_state, rank_state, self.config)
+        self.last_checkpoint = path
+        if self.info.is_main and hasattr(self.logger, "log_checkpoint"):
+            self.logger.log_checkpoint(path, state.step)
+        return path
+
+    def finish(self, state: TrainState, status: str) -> TrainResult:
+        """Final checkpoint (not after non-finite losses: the last good one stays), evaluation, sample."""
+        out = self.tc.output_dir
+        result = TrainResult(status, state.step, state.tokens, out)
+        if status == "nonfinite":
+            good = self.checkpointer.latest()
+            say(
+                self.info,
+                f"stopped: {state.consecutive_nonfinite} consecutive non-finite losses at step {state.step} "
+                f"({state.nonfinite_steps} skipped in all); last good checkpoint: {good or 'none'}",
+            )
+            result.checkpoint = str(good) if good else None
+            return result
+        saved = self.last_checkpoint is not None and checkpoint_step(self.last_checkpoint) == state.step
+        result.checkpoint = str(self.last_checkpoint if saved else self.save(state))
+        if status == "interrupted":
+            say(self.info, f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+            return result
+        result.val = self.evaluate(state.step)
+        say(self.info, f"held-out loss {result.val['loss']:.4f}, perplexity {result.val['perplexity']:.2f}")
+        result.sample = self.sample()
+        if result.sample is not None:
+            say(self.info, f"sample: {result.sample}")
+        return result
+
+    def sample(self) -> str | None:
+        ec, tokenizer = self.config.eval_config, self.tokenizer
+        if not ec.sample_prompts or ec.sample_tokens == 0:
+            return None
+        # Under FSDP every rank must run the forwards; otherwise rank 0 alone generates.
+        if not (self.info.is_main or self.checkpointer.sharded):
+            return None
+        generator = torch.Generator(self.info.device).manual_seed(self.tc.seed)
+        prompts = [tokenizer.encode(p) or [tokenizer.bos_id] for p in ec.sample_prompts]
+        with self.autocast():
+            new = self.model.generate(
+                prompts, ec.sample_tokens, temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p,
+                stop_ids=[tokenizer.eos_id], generator=generator,
+            )  # fmt: skip
+        return "\n".join(p + tokenizer.decode(n) for p, n in zip(ec.sample_prompts, new, strict=True))
+
+
+# ----------------------------------------------------------------------------------------
+# Setup helpers
+# ----------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(path: str) -> Path:
+    """Create the run directory and prove it is writable (a clear error now, not at the first checkpoint)."""
+    out = Path(path)
+    probe = out / f".write_test_{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"train_config.output_dir: {path!r} is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every device's generator, CUDA included
+
+
+def check_vocab(tokenizer_vocab: int, mc: ModelConfig) -> None:
+    if tokenizer_vocab > mc.vocab_size:
+        raise ConfigError(
+            f"model_config.vocab_size: {mc.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer_vocab}); set it to at least {tokenizer_vocab}"
+        )
+
+
+def prepare_model(model: nn.Module, tc: TrainConfig) -> LossModule:
+    """The module the loop calls: activation checkpointing per block, then (optionally) a compiled loss.
+
+    Both keep parameter names unchanged. Only the training loss is compiled, not ``model`` itself:
+    evaluation and generation (variable lengths, KV caches) stay eager, which measured as the
+    robust choice (Inductor failed on the cached decode path with torch 2.11, H200, 2026-11-27).
+    """
+    if tc.activation_checkpointing:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in model.layers:
+            # Replace the bound forward on the instance, not the module: state-dict keys stay the same,
+            # so checkpoints move freely between runs with and without it.
+            def forward(*args, _inner=block.forward, **kwargs):
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+            block.forward = forward
+    loss_module = LossModule(model)
+    if tc.compile:
+        loss_module.compile()
+    return loss_module
+
+
+def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def total_training_steps(tc: TrainConfig, seq_len: int, world_size: int) -> int:
+    """``max_steps``, or enough steps for ``max_tokens`` tokens when that is set."""
+    if tc.max_tokens > 0:
+        per_step = tc.batch_size * seq_len * tc.grad_accum_steps * world_size
+        return max(1, math.ceil(tc.max_tokens / per_step))
+    return tc.max_steps
+
+
+def restore(checkpointer, resume, model, optimizer, loader, tracker, config, info) -> tuple[TrainState, Any]:
+    """Load the checkpoint ``resume`` names into the components; (state, this rank's RNG state)."""
+    loaded = checkpointer.load(resume, model, optimizer, config)
+    if loaded is None:
+        say(info, f"--resume: no checkpoint under {checkpointer.root}; starting from step 0")
+        return TrainState(), None
+    path, trainer_state, rank_state = loaded
+    loader.load_state_dict(rank_state["data"])
+    tracker.load_state_dict(rank_state.get("experts", {}))
+    fields = TrainState.__dataclass_fields__
+    state = TrainState(**{k: v for k, v in trainer_state.items() if k in fields})
+    say(info, f"resumed from {path} (step {state.step}, {state.tokens:,} tokens)")
+    return state, rank_state["rng"]
+
+
+def describe_run(
+    config: Config, out: Path, info: distributed.DistInfo, model: nn.Module, total_steps: int, start: int
+) -> None:
+    """Rank 0: the resolved config and the run's provenance (commit, versions, device) in the run directory."""
+    if not info.is_main:
+        return
+    save_config(config, out / "config.yaml")
+    meta = {
+        "commit": _git_commit(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu",
+        "world_size": info.world_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "total_steps": total_steps,
+        "start_step": start,
+    }
+    (out / "run_info.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    print(
+        f"run {out}: {meta['parameters']:,} parameters on {meta['device']} x{info.world_size}, "
+        f"steps {start}->{total_steps}, torch {meta['torch']}, commit {meta['commit']}",
+        flush=True,
+    )
+
+
+def say(info: distributed.DistInfo, message: str) -> None:
+    if info.is_main:
+        print(message, flush=True)
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        )
+        return (sha.stdout.strip() or "none") + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # not installed: reported as None, never fatal
+        return None
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set ``received``; the loop checkpoints after the current step. A second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(
+            f"received {self.received}: checkpointing after this step (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

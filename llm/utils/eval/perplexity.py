@@ -1,0 +1,88 @@
+"""Held-out perplexity: exp of the token-weighted mean cross-entropy over validation batches.
+
+Token-weighted (sum of losses / number of predicted tokens), not a mean of per-batch means, so a
+short padded last batch counts for its tokens only. Labels of -100 (padding) are ignored.
+Across ranks the sums are added, so every rank gets the perplexity of the union of their shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llm.training import distributed
+
+IGNORE_INDEX = -100
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    max_batches: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Loss and perplexity of ``model`` over at most ``max_batches`` batches.
+
+    Args:
+        model: maps input_ids (B, T) [and doc_ids (B, T)] to logits (B, T, V).
+        batches: dicts with "input_ids", "labels" (B, T) and optionally "doc_ids".
+        max_batches: batches read per rank.
+        device: where the model runs.
+        autocast_dtype: torch.bfloat16 for a bf16 autocast forward; None = the model's dtype.
+    Returns:
+        {"loss": nats per token, "perplexity": exp(loss), "tokens": tokens scored (all ranks)}.
+    """
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # (sum of losses, tokens)
+    it = iter(batches)
+    try:
+        for _ in range(max_batches):
+            batch = next(it, None)
+            # Ranks must run the same number of forwards (FSDP gathers weights collectively).
+            if not distributed.all_true(batch is not None):
+                break
+            ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            doc_ids = batch.get("doc_ids")
+            ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+            with ctx:
+                logits = model(ids, doc_ids=None if doc_ids is None else doc_ids.to(device))  # (B, T, V)
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)),
+                labels.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            total += torch.tensor([float(loss), float((labels != IGNORE_INDEX).sum())], dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    loss_sum, tokens = distributed.all_reduce_sum(total).tolist()
+    mean = loss_sum / tokens if tokens > 0 else math.nan
+    return {"loss": mean, "perplexity": math.exp(mean) if tokens > 0 else math.nan, "tokens": int(tokens)}
+
+
+def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | None = None) -> dict[str, float]:
+    """Perplexity of a checkpoint's model on ``config``'s validation data (single process)."""
+    from llm.data import build_tokenizer, build_val_loader
+    from llm.models.foundation import FoundationModel
+    from llm.training.checkpoint import load_model_weights
+    from llm.training.distributed import pick_device
+
+    device = pick_device(config.train_config)
+    model = FoundationModel(config.model_config)
+    model.load_state_dict(load_model_weights(checkpoint_dir))
+    model.to(device)
+    tokenizer = build_tokenizer(config.dataset_config)
+    val = build_val_loader(config.dataset_config, tokenizer, config.train_config.batch_size)
+    dtype = torch.bfloat16 if device.type == "cuda" and config.train_config.precision != "fp32" else None
+    return evaluate_perplexity(model, val, batches or config.eval_config.eval_batches, device, dtype)

@@ -1,0 +1,140 @@
+"""The training loop end to end on a tiny model: exact resume after SIGKILL, NaN handling, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_helpers import PYTHON, ROOT, script_env, tiny_overrides
+
+from llm.config import ConfigError
+from llm.training import train as train_mod
+from llm.training.checkpoint import Checkpointer, load_model_weights
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _cmd(run: Path, *extra: str) -> list[str]:
+    sets = [a for o in tiny_overrides(run, *extra) for a in ("--set", o)]
+    return [PYTHON, str(ROOT / "scripts" / "train.py"), "--config", str(ROOT / "configs" / "tiny.yaml"), *sets]
+
+
+def _kill_at(cmd: list[str], run: Path, step: int) -> int:
+    """Start ``cmd``, SIGKILL it once metrics.jsonl reaches ``step``; returns the last step logged."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1]).get("step", 0) >= step:
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"finished before the kill: {proc.stderr.read().decode()[-2000:]}"
+    return _records(run)[-1]["step"]
+
+
+def test_sigkill_and_resume_reproduces_losses_bit_for_bit(tmp_path):
+    steps = 24
+    extra = [f"train_config.max_steps={steps}", "train_config.log_interval=1", "train_config.checkpoint_interval=3",
+             "eval_config.sample_tokens=0"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(
+        _cmd(straight, *extra), cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    first = _kill_at(_cmd(killed, *extra), killed, 5)
+    second = _kill_at(_cmd(killed, *extra) + ["--resume"], killed, 15)
+    assert first < second < steps
+    done = subprocess.run(
+        _cmd(killed, *extra) + ["--resume"], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+
+    a, b = _records(straight), _records(killed)
+    train_a = [(r["step"], r["loss"], r["lr"], r["tokens"], r["grad_norm"]) for r in a if "loss" in r]
+    train_b = [(r["step"], r["loss"], r["lr"], r["tokens"], r["grad_norm"]) for r in b if "loss" in r]
+    assert [s for s, *_ in train_a] == list(range(1, steps + 1))
+    assert train_a == train_b  # every float equal: JSON round-trips doubles exactly
+    final_a = load_model_weights(Checkpointer(straight).latest())
+    final_b = load_model_weights(Checkpointer(killed).latest())
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def _inject_nan(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the loss NaN on the given (1-based) optimiser steps; one micro-batch per step."""
+    real = train_mod.LossModule.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(self, *args, **kwargs)
+        if calls["n"] in bad_steps and self.training:
+            loss = loss * float("nan")
+        return loss, parts
+
+    monkeypatch.setattr(train_mod.LossModule, "forward", forward)
+
+
+def test_nan_steps_are_skipped_and_counted(tiny_config, monkeypatch):
+    config = tiny_config("train_config.max_steps=6", "train_config.log_interval=1", "train_config.max_consecutive_nonfinite=2",
+                         "eval_config.sample_tokens=0")  # fmt: skip
+    _inject_nan(monkeypatch, {2, 4})
+    result = train_mod.train(config)
+    assert result.status == "completed" and result.step == 6
+    records = {r["step"]: r for r in _records(Path(config.train_config.output_dir)) if "loss" in r}
+    assert records[2]["loss"] is None and records[2]["grad_norm"] is None and records[2]["nonfinite_steps"] == 1
+    assert math.isfinite(records[3]["loss"]) and records[6]["nonfinite_steps"] == 2
+    assert math.isfinite(result.val["perplexity"])
+
+
+def test_consecutive_nans_stop_cleanly_keeping_last_good_checkpoint(tiny_config, monkeypatch, capsys):
+    config = tiny_config("train_config.max_steps=20", "train_config.checkpoint_interval=2",
+                         "train_config.max_consecutive_nonfinite=3")  # fmt: skip
+    _inject_nan(monkeypatch, set(range(4, 100)))
+    result = train_mod.train(config)
+    assert result.status == "nonfinite" and result.step == 6
+    assert "3 consecutive non-finite losses at step 6" in capsys.readouterr().out
+    cp = Checkpointer(config.train_config.output_dir)
+    assert [p.name for p in cp.complete()] == ["step_00000002", "step_00000004"]
+    assert result.checkpoint == str(cp.latest())
+    assert all(torch.isfinite(t).all() for t in load_model_weights(cp.latest()).values())
+
+
+def test_resume_with_a_different_model_names_the_fields(tiny_config):
+    config = tiny_config(
+        "train_config.max_steps=2", "train_config.checkpoint_interval=2", "eval_config.sample_tokens=0"
+    )
+    train_mod.train(config)
+    changed = tiny_config("train_config.max_steps=4", "train_config.lr=0.5", "model_config.ffn_hidden_size=48")
+    with pytest.raises(ConfigError, match=r"model_config\.ffn_hidden_size, train_config\.lr"):
+        train_mod.train(changed, resume="latest")
+
+
+def test_unwritable_output_dir_is_one_line_and_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(_cmd(blocker / "run"), cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: train_config.output_dir:") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_max_tokens_sets_the_length(tiny_config):
+    from llm.config.defaults import TrainConfig
+
+    tc = TrainConfig(max_tokens=1000, batch_size=2, grad_accum_steps=2)
+    assert train_mod.total_training_steps(tc, seq_len=32, world_size=2) == math.ceil(1000 / 256)
+    assert train_mod.total_training_steps(TrainConfig(max_steps=7), 32, 1) == 7
