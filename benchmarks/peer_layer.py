@@ -1,0 +1,335 @@
+"""PEER benchmark (GPU): expert computation, whole layer, table optimiser, against the baselines.
+
+    python benchmarks/peer_layer.py --out results.jsonl                  # everything (~5 min on an H100)
+    python benchmarks/peer_layer.py --only experts --sizes paper4k --sweep  # block-size sweep of the kernels
+    python benchmarks/peer_layer.py --peer-pytorch .fetched               # add lucidrains/PEER-pytorch
+
+Times are medians of CUDA-event timings (``triton.testing.do_bench``, which flushes L2 between runs).
+"Effective" bandwidth counts the bytes a gather must move: every selected table row once per selection
+(repeats included) plus x and the output; it is compared with a device-to-device copy measured in the
+same run (bytes read + bytes written). Peak memory is the allocator's peak during forward+backward minus
+what was allocated before (it includes the returned gradients, e.g. dense table gradients).
+PEER-pytorch (https://github.com/lucidrains/PEER-pytorch) is run from a fetched, never-committed copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SIZES = {
+    # name: (D, N, H, K, T)
+    "paper4k": (1024, 1024**2, 8, 16, 4096),
+    "paper16k": (1024, 1024**2, 8, 16, 16384),
+    "small": (512, 128**2, 4, 8, 4096),
+}
+
+
+@dataclass
+class Row:
+    size: str
+    what: str
+    impl: str
+    ms: float
+    tbps: float | None = None
+    peak_gib: float | None = None
+    note: str = ""
+
+
+def bench(fn, warmup=10, rep=60) -> float:
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def peak_extra_gib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in TB/s (bytes read + written) of a 2 GiB buffer."""
+    src = torch.empty(2**30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / ms / 1e9
+
+
+def make_expert_inputs(D, N, H, K, T, dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(T, D, device="cuda", dtype=dtype, generator=gen)
+    u = (torch.randn(N, 1, D, device="cuda", dtype=dtype, generator=gen) * D**-0.5).requires_grad_()
+    v = (torch.randn(N, 1, D, device="cuda", dtype=dtype, generator=gen) * D**-0.5).requires_grad_()
+    # Uniform random experts: what a balanced router produces (distinct rows ~ 1 - exp(-T*H*K/N)).
+    idx = torch.randint(0, N, (T, H, K), device="cuda", generator=gen)
+    scores = torch.softmax(torch.randn(T, H, K, device="cuda", generator=gen), -1)
+    dout = torch.randn(T, D, device="cuda", dtype=dtype, generator=gen)
+    return x.requires_grad_(), idx, scores.requires_grad_(), u, v, dout
+
+
+def fwd_bytes(D, H, K, T, elem=2) -> int:
+    return T * H * K * 2 * D * elem + 2 * T * D * elem
+
+
+def time_expert_impl(rows, size, name, fn, inputs, D, H, K, T):
+    x, idx, scores, u, v, dout = inputs
+    leaves = [x, scores, u, v]
+    fwd = bench(lambda: fn(x, idx, scores, u, v))
+    out = fn(x, idx, scores, u, v)
+    bwd = bench(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(x, idx, scores, u, v), leaves, dout)
+
+    both = bench(fwd_bwd)
+    peak = peak_extra_gib(fwd_bwd)
+    tb = fwd_bytes(D, H, K, T) / fwd / 1e9
+    rows.append(Row(size, "experts fwd", name, fwd, tb))
+    rows.append(Row(size, "experts bwd", name, bwd))
+    rows.append(Row(size, "experts fwd+bwd", name, both, None, peak))
+
+
+def sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T):
+    """Block sizes of the forward and of the backward's row pass, and the backward's pieces alone.
+
+    The fastest configuration of each sweep is kept for the rest of the run (printed as "picked").
+    """
+    x, idx, s, u, v, dout = inputs
+    for tile in (8192, 16384):
+        for warps in (2, 4):
+            tpk.TILE_ELEMENTS, tpk._num_warps = tile, (lambda bd, w=warps: w)
+            ms = bench(lambda: tpk.peer_forward(x, idx, s, u, v, None, "gelu"))
+            rows.append(Row(size, "sweep fwd", f"tile{tile}/w{warps}", ms, fwd_bytes(D, H, K, T) / ms / 1e9))
+    best = min((r for r in rows if r.what == "sweep fwd" and r.size == size), key=lambda r: r.ms).impl
+    tile, warps = (int(v) for v in best.replace("tile", "").replace("w", "").split("/"))
+    tpk.TILE_ELEMENTS, tpk._num_warps = tile, (lambda bd, w=warps: w)
+    rows.append(Row(size, "picked fwd/pass A config", best, float("nan")))
+    _, pre, _ = tpk.peer_forward(x, idx, s, u, v, None, "gelu")
+    ms = bench(lambda: tpk.peer_backward_tokens(dout, x, idx, s, u, v, None, pre, None, "gelu"))
+    rows.append(Row(size, "piece: bwd pass A (token-major)", "triton", ms, fwd_bytes(D, H, K, T) / ms / 1e9))
+    keys = idx.view(-1).to(torch.int32)
+    rows.append(Row(size, "piece: torch.sort int32 keys", "torch", bench(lambda: torch.sort(keys))))
+    srt = torch.sort(keys).values
+    rows.append(
+        Row(
+            size, "piece: unique_consecutive", "torch", bench(lambda: torch.unique_consecutive(srt, return_counts=True))
+        )
+    )
+    _, _, cu, cv, _ = tpk.peer_backward_tokens(dout, x, idx, s, u, v, None, pre, None, "gelu")
+    perm, seg, rws = tpk.sort_rows(idx, 1, N, False)
+    for block_s in (1, 2, 4, 8):
+        for warps in (2, 4, 8):
+            tpk.ROW_BLOCK_S, tpk.ROW_NUM_WARPS = block_s, warps
+            ms = bench(lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, seg, rws, (u, v, None), True))
+            rows.append(Row(size, "sweep bwd pass B (sparse)", f"S{block_s}/w{warps}", ms))
+    best = min((r for r in rows if r.what.startswith("sweep bwd") and r.size == size), key=lambda r: r.ms).impl
+    tpk.ROW_BLOCK_S, tpk.ROW_NUM_WARPS = (int(v) for v in best.replace("S", "").replace("w", "").split("/"))
+    rows.append(Row(size, "picked pass B config", best, float("nan")))
+
+
+def run_experts(rows, size, sweep):
+    from llm.ops import triton_peer_kernels as tpk
+    from llm.ops.peer_reference import peer_experts_reference
+
+    D, N, H, K, T = SIZES[size]
+    inputs = make_expert_inputs(D, N, H, K, T)
+    if sweep:
+        sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T)
+    for label, kw in (("triton dense-grad", {}), ("triton sparse-grad", {"sparse_grad": True})):
+        fn = lambda x, i, s, u, v, kw=kw: tpk.peer_experts_triton(x, i, s, u, v, "gelu", **kw)  # noqa: E731
+        time_expert_impl(rows, size, label, fn, inputs, D, H, K, T)
+    # Pieces of the backward, to see where its time goes.
+    x, idx, s, u, v, dout = inputs
+    rows.append(Row(size, "piece: sort+segment", "triton", bench(lambda: tpk.sort_rows(idx, 1, N, False))))
+    rows.append(
+        Row(size, "piece: zero 2 bf16 grad tables", "torch", bench(lambda: (torch.zeros_like(u), torch.zeros_like(v))))
+    )
+    ref = lambda x, i, s, u, v: peer_experts_reference(x, i, s, u, v, "gelu")  # noqa: E731
+    time_expert_impl(rows, size, "torch reference", ref, inputs, D, H, K, T)
+    return inputs
+
+
+def run_compiled_reference(rows, size):
+    from llm.ops.peer_reference import peer_experts_reference
+
+    D, N, H, K, T = SIZES[size]
+    inputs = make_expert_inputs(D, N, H, K, T)
+    compiled = torch.compile(lambda x, i, s, u, v: peer_experts_reference(x, i, s, u, v, "gelu"))
+    t0 = time.time()
+    try:
+        torch.autograd.grad(compiled(*inputs[:5]), [inputs[0], inputs[2], inputs[3], inputs[4]], inputs[5])
+    except Exception as exc:  # report, don't hide: the row says why compile could not run
+        rows.append(
+            Row(size, "experts fwd+bwd", "torch.compile(reference)", float("nan"), note=f"failed: {exc!r}"[:200])
+        )
+        return
+    note = f"compile {time.time() - t0:.0f} s"
+    time_expert_impl(rows, size, "torch.compile(reference)", compiled, inputs, D, H, K, T)
+    rows[-1].note = note
+
+
+def run_layers(rows, size, peer_pytorch_dir):
+    from llm.config.defaults import PEERConfig
+    from llm.models.experts import PEER, SwiGLU
+
+    D, N, H, K, T = SIZES[size]
+    side = int(math.isqrt(N))
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn_like(x)
+    layers = {}
+    cfg = PEERConfig(num_experts=N, product_key_dim=[side, side], num_experts_per_tok=K, num_heads=H, query_dim=128,
+                     kernel="triton")  # fmt: skip
+    layers["ours (triton)"] = lambda: PEER(D, cfg)
+    layers["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
+    if peer_pytorch_dir:
+        sys.path.insert(0, str(Path(peer_pytorch_dir).resolve()))
+        from PEER_pytorch.PEER import PEER as LucidPEER
+
+        layers["PEER-pytorch"] = lambda: LucidPEER(D, heads=H, num_experts=N, num_experts_per_head=K, dim_key=128,
+                                                   non_competing_scores=False)  # fmt: skip
+    f_equal = max(1, round(2 * H * K / 3))  # 3*D*f = 2*H*K*D: the same parameters active per token
+    layers[f"dense SwiGLU f={f_equal} (equal active params)"] = lambda: SwiGLU(D, f_equal)
+    layers[f"dense SwiGLU f={4 * D}"] = lambda: SwiGLU(D, 4 * D)
+    for name, build in layers.items():
+        with torch.device("cuda"):  # initialise the 2^20-row tables on the GPU, not the CPU
+            layer = build().to(dtype=torch.bfloat16)
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def run(layer=layer, params=params):
+            return torch.autograd.grad(layer(x.unsqueeze(0)).squeeze(0), [x, *params], dout)
+
+        if name == "ours (triton)":
+            rows.append(Row(size, "piece: routing retrieve() fwd", name, bench(lambda layer=layer: layer.retrieve(x))))
+
+            def topk_routing(layer=layer):  # plain torch.topk product keys: same experts up to tie order
+                a, b = layer.subkey_scores(x)
+                (sa, ia), (sb, ib) = a.topk(K, dim=-1), b.topk(K, dim=-1)
+                cand = (sa.unsqueeze(-1) + sb.unsqueeze(-2)).flatten(-2)
+                best, pos = cand.topk(K, dim=-1)
+                return best, (ia.unsqueeze(-1) * side + ib.unsqueeze(-2)).flatten(-2).gather(-1, pos)
+
+            rows.append(Row(size, "piece: routing with torch.topk fwd", "torch", bench(topk_routing)))
+        fwd = bench(lambda layer=layer: layer(x.unsqueeze(0)))
+        both = bench(run)
+        peak = peak_extra_gib(run)
+        rows.append(Row(size, "layer fwd", name, fwd))
+        rows.append(Row(size, "layer fwd+bwd", name, both, None, peak))
+        del layer, params
+        torch.cuda.empty_cache()
+
+
+def run_optimizer(rows, size):
+    from llm.ops.row_sparse_adam import RowSparseAdamW
+    from llm.ops.triton_peer_kernels import sort_rows
+
+    D, N, H, K, T = SIZES[size]
+    idx = torch.randint(0, N, (T, H, K), device="cuda")
+    _, _, experts = sort_rows(idx, 1, N, False)
+    frac = experts.numel() / N
+    note = f"{frac:.1%} rows touched"
+    for label, pdtype, sdtype in (("fp32 params, fp32 moments", torch.float32, None),
+                                  ("bf16 params, fp32 moments", torch.bfloat16, torch.float32),
+                                  ("fp32 params, bf16 moments", torch.float32, torch.bfloat16)):  # fmt: skip
+        tables = [torch.nn.Parameter(torch.randn(N, 1, D, device="cuda", dtype=pdtype) * 0.02) for _ in range(2)]
+        values = torch.randn(experts.numel(), 1, D, device="cuda", dtype=pdtype)
+        for p in tables:
+            p.grad = torch.sparse_coo_tensor(experts[None], values, p.shape, is_coalesced=True, check_invariants=False)
+        opt = RowSparseAdamW(tables, lr=1e-3, state_dtype=sdtype)
+        rows.append(
+            Row(size, "table optimiser step", f"row-sparse AdamW, {label}", bench(opt.step, rep=100), note=note)
+        )
+        del opt, tables, values
+        torch.cuda.empty_cache()
+    tables = [torch.nn.Parameter(torch.randn(N, 1, D, device="cuda") * 0.02) for _ in range(2)]
+    for p in tables:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(tables, lr=1e-3, fused=True)
+    rows.append(Row(size, "table optimiser step", "dense fused AdamW, fp32", bench(opt.step, rep=100), note="all rows"))
+    del opt, tables
+    torch.cuda.empty_cache()
+
+
+def check_correctness(rows, size):
+    """Triton vs reference at benchmark scale (bf16 inputs, fp32 reference on the same values)."""
+    from llm.ops.peer_reference import peer_experts_reference
+    from llm.ops.triton_peer_kernels import peer_experts_triton
+
+    D, N, H, K, T = SIZES[size]
+    x, idx, s, u, v, dout = make_expert_inputs(D, N, H, K, T)
+    leaves = [x, s, u, v]
+    got = [peer_experts_triton(x, idx, s, u, v, "gelu")]
+    got += torch.autograd.grad(got[0], leaves, dout)
+    up = [t.detach().float().requires_grad_() for t in leaves]
+    ref = [peer_experts_reference(up[0], idx, up[1], up[2], up[3], "gelu")]
+    ref += torch.autograd.grad(ref[0], up, dout.float())
+    for name, a, b in zip(["out", "dx", "dscores", "du", "dv"], got, ref, strict=True):
+        a, b = a.double(), b.double()
+        err = ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+        rows.append(Row(size, f"check {name}", "triton vs fp32 reference", float("nan"), note=f"rel RMS {err:.2e}"))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="paper4k,paper16k,small")
+    ap.add_argument("--only", default="check,experts,layers,optimizer,compile")
+    ap.add_argument("--sweep", action="store_true", help="sweep the forward's tile size and warps")
+    ap.add_argument("--peer-pytorch", default="", help="folder holding a fetched PEER_pytorch package")
+    ap.add_argument("--out", default="", help="append one JSON line per measurement to this file")
+    args = ap.parse_args(argv)
+    parts = args.only.split(",")
+    rows: list[Row] = []
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit or "none",
+                  triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
+    print(json.dumps(header), flush=True)
+    rows.append(Row("-", "device copy", "torch copy_", float("nan"), copy_bandwidth()))
+    sizes = args.sizes.split(",")
+    steps = [
+        (name, size, fn)
+        for size in sizes
+        for name, fn in (
+            ("check", lambda size=size: check_correctness(rows, size)),
+            # block sizes are swept once, on the first size, and kept for the others
+            ("experts", lambda size=size: run_experts(rows, size, args.sweep and size == sizes[0])),
+            ("layers", lambda size=size: run_layers(rows, size, args.peer_pytorch)),
+            # the optimiser is measured at the paper's size only (its tables take 32 GiB with AdamW state)
+            ("optimizer", lambda size=size: run_optimizer(rows, size) if size == "paper4k" else None),
+        )
+    ]
+    # torch.compile last: its compile time is unknown, so it must not hold up the other measurements
+    steps.append(("compile", "paper4k", lambda: run_compiled_reference(rows, "paper4k")))
+    for name, _size, step in steps:
+        if name not in parts:
+            continue
+        start = len(rows)
+        step()
+        torch.cuda.empty_cache()
+        for r in rows[start:]:
+            line = json.dumps({**header, **r.__dict__})
+            print(line, flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(line + "\n")
+    print(f"\n{'size':9} {'what':30} {'impl':44} {'ms':>8} {'TB/s':>6} {'peakGiB':>7}  note")
+    for r in rows:
+        tb = f"{r.tbps:6.2f}" if r.tbps else ""
+        pk = f"{r.peak_gib:7.2f}" if r.peak_gib is not None else ""
+        print(f"{r.size:9} {r.what:30} {r.impl:44} {r.ms:8.3f} {tb:>6} {pk:>7}  {r.note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,448 @@
+"""Fused Triton kernels for the PEER expert computation (forward and atomics-free backward).
+
+Contract (DEVELOPERS.md, "PEER expert computation"): x (T, D); indices (T, H, K) int64 flat expert ids;
+scores (T, H, K) mixing weights; tables u, v (and g for gated experts) of shape (N, M, D).
+hidden = act(u[i] @ x_t) (* g[i] @ x_t); out_t = sum_{h,k} score * v[i]^T hidden. fp32 accumulation.
+
+Legend: T tokens, H heads, K experts per head, N experts, M expert hidden size, D model width,
+E = H*K*M "sub-entries" per token, R touched table rows.
+
+An expert with M hidden units is M single-neuron experts sharing one score: sub-entry j of token t is
+(slot j // M, unit j % M) and reads table row indices[t, slot] * M + j % M of the (N*M, D) view of each
+table. So every kernel below works on rows of (N*M, D) tables and handles M > 1 with no extra path.
+
+Forward (one program per token): gather u (and g) rows, dot with x_t, activation, times the score,
+gather v rows, weighted sum. It saves only indices, scores and the fp32 pre-activations
+(E * 4 bytes per token; 512 B at the paper's h=8, k=16, m=1; twice that with g).
+
+Backward, no atomics on the tables (GUIDE §4 "fast backward"):
+  pass A, one program per token: re-gathers u, v (g) rows -> dx_t, dscores, and per sub-entry the
+          coefficients dpre (for du), dgpre (for dg) and score*hidden (for dv);
+  sort the T*E sub-entries by table row (torch.sort), cut into segments of equal row;
+  pass B, one program per touched row: du_r = sum dpre * x_t, dv_r = sum score*hidden * dout_t,
+          dg_r = sum dgpre * x_t over the row's segment, each row written exactly once.
+Table gradients are dense (zeros + row writes) or, with ``sparse_grad=True``, sparse COO tensors
+holding only the touched experts' rows (what ``llm/ops/row_sparse_adam.py`` consumes); zeroing the dense
+grads is a full write of each table, the largest piece of the dense-grad backward at N = 1024^2 (1.27 of
+2.80 ms on an H200, benchmarks/RESULTS.md).
+With no atomics every sum has a fixed order; ``deterministic=True`` also asks torch.sort to be stable, so
+the order within a row (and the bits of its gradient) does not depend on the sort implementation. The
+backward has one host sync (the number of touched rows sizes pass B's grid and the sparse gradients).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS = {"gelu": 0, "relu": 1, "silu": 2}
+# Widest model dimension kept whole in one program's registers (a row of D fp32 accumulators per
+# program); wider inputs go to the torch reference.
+MAX_FUSED_DIM = 8192
+# Elements of one (entries, D) gathered tile: bounds registers per program (16 x 1024 with 4 warps was
+# the fastest forward at D = 1024 in the benchmarks/peer_layer.py sweep; 8 warps ran 1.6-1.9x slower).
+TILE_ELEMENTS = 16384
+
+# Pass B: entries of a row's segment loaded per step, and warps per program (one program per row).
+# Swept at the paper's size (segments of 1.27 entries on average): S=1/4 warps 0.68 ms, S=2 0.82,
+# S=4 0.95-1.08, 8 warps up to 8 ms (H200, benchmarks/RESULTS.md).
+ROW_BLOCK_S = 1
+ROW_NUM_WARPS = 4
+
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _act_fwd(z, ACT: tl.constexpr):
+    """Activation of fp32 pre-activations z (0 gelu exact erf, 1 relu, 2 silu)."""
+    if ACT == 0:
+        return 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 1:
+        return tl.maximum(z, 0.0)
+    else:
+        return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    """d act / d z at fp32 pre-activations z."""
+    if ACT == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2))
+        return cdf + z * _INV_SQRT_2PI * tl.exp(-0.5 * z * z)
+    elif ACT == 1:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+
+
+@triton.jit
+def _peer_fwd_kernel(
+    x_ptr,  # (T, D)
+    idx_ptr,  # (T, H*K) int64
+    score_ptr,  # (T, H*K)
+    u_ptr,  # (N*M, D)
+    v_ptr,  # (N*M, D)
+    g_ptr,  # (N*M, D) or a dummy when not GLU
+    out_ptr,  # (T, D)
+    pre_ptr,  # (T, E) fp32, saved for backward
+    gpre_ptr,  # (T, E) fp32, saved for backward (GLU only)
+    D,
+    HK,
+    E,
+    M: tl.constexpr,
+    ACT: tl.constexpr,
+    GLU: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    x = tl.load(x_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        slot = offs_e // M
+        expert = tl.load(idx_ptr + t * HK + slot, mask=mask_e, other=0)
+        row = expert * M + offs_e % M  # (BLOCK_E,) int64 row of the (N*M, D) tables
+        score = tl.load(score_ptr + t * HK + slot, mask=mask_e, other=0.0).to(tl.float32)
+        tile_off = row[:, None] * D + offs_d[None, :]  # (BLOCK_E, BLOCK_D)
+        tile_mask = mask_e[:, None] & mask_d[None, :]
+        u = tl.load(u_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        pre = tl.sum(u * x[None, :], axis=1)  # (BLOCK_E,)
+        tl.store(pre_ptr + t * E + offs_e, pre, mask=mask_e)
+        hidden = _act_fwd(pre, ACT)
+        if GLU:
+            gt = tl.load(g_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+            gpre = tl.sum(gt * x[None, :], axis=1)
+            tl.store(gpre_ptr + t * E + offs_e, gpre, mask=mask_e)
+            hidden = hidden * gpre
+        coef = tl.where(mask_e, score * hidden, 0.0)
+        vt = tl.load(v_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        acc += tl.sum(coef[:, None] * vt, axis=0)
+    tl.store(out_ptr + t * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _peer_bwd_token_kernel(
+    x_ptr,  # (T, D)
+    dout_ptr,  # (T, D)
+    idx_ptr,  # (T, H*K) int64
+    score_ptr,  # (T, H*K)
+    u_ptr,  # (N*M, D)
+    v_ptr,  # (N*M, D)
+    g_ptr,  # (N*M, D) or dummy
+    pre_ptr,  # (T, E) fp32
+    gpre_ptr,  # (T, E) fp32 or dummy
+    dx_ptr,  # (T, D) out
+    dscore_ptr,  # (T, E) fp32 out: hidden * (v . dout) per sub-entry (summed over M by the caller)
+    cu_ptr,  # (T, E) fp32 out: d loss / d pre (coefficient of x_t in du)
+    cv_ptr,  # (T, E) fp32 out: score * hidden (coefficient of dout_t in dv)
+    cg_ptr,  # (T, E) fp32 out: d loss / d gpre (GLU only)
+    D,
+    HK,
+    E,
+    M: tl.constexpr,
+    ACT: tl.constexpr,
+    GLU: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    dout = tl.load(dout_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
+    dx = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for e0 in range(0, E, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < E
+        slot = offs_e // M
+        expert = tl.load(idx_ptr + t * HK + slot, mask=mask_e, other=0)
+        row = expert * M + offs_e % M
+        score = tl.load(score_ptr + t * HK + slot, mask=mask_e, other=0.0).to(tl.float32)
+        pre = tl.load(pre_ptr + t * E + offs_e, mask=mask_e, other=0.0)
+        tile_off = row[:, None] * D + offs_d[None, :]  # (BLOCK_E, BLOCK_D)
+        tile_mask = mask_e[:, None] & mask_d[None, :]
+        vt = tl.load(v_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        vd = tl.sum(vt * dout[None, :], axis=1)  # (BLOCK_E,) v_row . dout_t
+        a = _act_fwd(pre, ACT)
+        dpre = score * vd * _act_grad(pre, ACT)  # d loss / d pre
+        if GLU:
+            gpre = tl.load(gpre_ptr + t * E + offs_e, mask=mask_e, other=0.0)
+            hidden = a * gpre
+            dgpre = score * vd * a
+            dpre = dpre * gpre
+            tl.store(cg_ptr + t * E + offs_e, dgpre, mask=mask_e)
+        else:
+            hidden = a
+        tl.store(dscore_ptr + t * E + offs_e, hidden * vd, mask=mask_e)
+        tl.store(cu_ptr + t * E + offs_e, dpre, mask=mask_e)
+        tl.store(cv_ptr + t * E + offs_e, score * hidden, mask=mask_e)
+        dpre = tl.where(mask_e, dpre, 0.0)
+        ut = tl.load(u_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        dx += tl.sum(dpre[:, None] * ut, axis=0)
+        if GLU:
+            dgpre = tl.where(mask_e, dgpre, 0.0)
+            gt = tl.load(g_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+            dx += tl.sum(dgpre[:, None] * gt, axis=0)
+    tl.store(dx_ptr + t * D + offs_d, dx.to(dx_ptr.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _peer_bwd_row_kernel(
+    x_ptr,  # (T, D)
+    dout_ptr,  # (T, D)
+    perm_ptr,  # (T*E,) int64 sub-entry ids sorted by table row
+    seg_start_ptr,  # (R + 1,) int64 segment boundaries into perm
+    rows_ptr,  # (R,) int64 table row of each segment (destination of dense grads)
+    cu_ptr,  # (T*E,) fp32, in sorted order
+    cv_ptr,  # (T*E,) fp32, in sorted order
+    cg_ptr,  # (T*E,) fp32, in sorted order, or dummy
+    du_ptr,  # (N*M, D) dense grad of u, or (R, D) compact rows when SPARSE
+    dv_ptr,  # same as du
+    dg_ptr,  # same as du, or dummy
+    D,
+    E,
+    GLU: tl.constexpr,
+    SPARSE: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    start = tl.load(seg_start_ptr + r)
+    end = tl.load(seg_start_ptr + r + 1)
+    du = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # The segment is summed in its sorted order, BLOCK_S entries at a time: a fixed order, so the
+    # result is the same on every run. Coefficients were permuted into sorted order beforehand, so the
+    # loads of token ids and coefficients are contiguous and independent (one latency step, not two).
+    for p0 in range(start, end, BLOCK_S):
+        offs_p = p0 + tl.arange(0, BLOCK_S)
+        mask_p = offs_p < end
+        tok = tl.load(perm_ptr + offs_p, mask=mask_p, other=0) // E  # (BLOCK_S,) token of each entry
+        cu = tl.load(cu_ptr + offs_p, mask=mask_p, other=0.0)
+        cv = tl.load(cv_ptr + offs_p, mask=mask_p, other=0.0)
+        tile_off = tok[:, None] * D + offs_d[None, :]  # (BLOCK_S, BLOCK_D)
+        tile_mask = mask_p[:, None] & mask_d[None, :]
+        xt = tl.load(x_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        dt = tl.load(dout_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
+        du += tl.sum(cu[:, None] * xt, axis=0)
+        dv += tl.sum(cv[:, None] * dt, axis=0)
+        if GLU:
+            cg = tl.load(cg_ptr + offs_p, mask=mask_p, other=0.0)
+            dg += tl.sum(cg[:, None] * xt, axis=0)
+    if SPARSE:
+        dst = r
+    else:
+        dst = tl.load(rows_ptr + r)
+    tl.store(du_ptr + dst * D + offs_d, du.to(du_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(dv_ptr + dst * D + offs_d, dv.to(dv_ptr.dtype.element_ty), mask=mask_d)
+    if GLU:
+        tl.store(dg_ptr + dst * D + offs_d, dg.to(dg_ptr.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------
+# Launchers: flatten to 2-D, pick block sizes, allocate outputs.
+# ----------------------------------------------------------------------------------------
+
+
+def _blocks(D: int, E: int) -> tuple[int, int]:
+    """(BLOCK_E, BLOCK_D): all of D in one tile row, as many entries as TILE_ELEMENTS allows."""
+    block_d = triton.next_power_of_2(D)
+    block_e = max(1, min(TILE_ELEMENTS // block_d, triton.next_power_of_2(E), 64))
+    return block_e, block_d
+
+
+def _num_warps(block_d: int) -> int:
+    return 4 if block_d <= 1024 else 8
+
+
+def peer_forward(x, indices, scores, u, v, g, activation):
+    """Launch the fused forward.
+
+    x (T, D); indices, scores (T, H, K); u, v, g (N, M, D).
+    Returns out (T, D) in x's dtype, pre (T, H*K*M) fp32 and gpre (same, GLU) or None.
+    """
+    T, D = x.shape
+    N, M, _ = u.shape
+    HK = indices.shape[1] * indices.shape[2]
+    E = HK * M
+    out = torch.empty_like(x)
+    pre = torch.empty((T, E), device=x.device, dtype=torch.float32)
+    gpre = torch.empty_like(pre) if g is not None else pre
+    block_e, block_d = _blocks(D, E)
+    if T > 0:
+        _peer_fwd_kernel[(T,)](
+            x, indices, scores, u, v, g if g is not None else u, out, pre, gpre,
+            D, HK, E, M=M, ACT=ACTIVATIONS[activation], GLU=g is not None,
+            BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )  # fmt: skip
+    return out, pre, (gpre if g is not None else None)
+
+
+def peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, activation):
+    """Pass A (token-major): dx (T, D) and per-sub-entry coefficients, each (T, E) fp32.
+
+    Returns dx, dscore_sub, cu, cv, cg (cg is None without g).
+    """
+    T, D = x.shape
+    N, M, _ = u.shape
+    HK = indices.shape[1] * indices.shape[2]
+    E = HK * M
+    dx = torch.empty_like(x)
+    dscore = torch.empty((T, E), device=x.device, dtype=torch.float32)
+    cu = torch.empty_like(dscore)
+    cv = torch.empty_like(dscore)
+    cg = torch.empty_like(dscore) if g is not None else cu
+    block_e, block_d = _blocks(D, E)
+    if T > 0:
+        _peer_bwd_token_kernel[(T,)](
+            x, dout, indices, scores, u, v, g if g is not None else u, pre,
+            gpre if gpre is not None else pre, dx, dscore, cu, cv, cg,
+            D, HK, E, M=M, ACT=ACTIVATIONS[activation], GLU=g is not None,
+            BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        )  # fmt: skip
+    return dx, dscore, cu, cv, (cg if g is not None else None)
+
+
+def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bool):
+    """Group sub-entries by table row.
+
+    indices (T, H, K) -> perm (T*E,) sub-entry ids ordered by row, seg_start (R + 1,) int64 boundaries,
+    rows (R,) int64 the distinct touched rows of the (N*M, D) view, ascending. One host sync (R).
+    """
+    rows = indices.reshape(-1, 1) * M + torch.arange(M, device=indices.device)  # (T*H*K, M)
+    rows = rows.reshape(-1)  # (T*E,) row of each sub-entry, sub-entry id = position
+    # int32 keys halve the radix sort's passes when the table fits.
+    keys = rows.to(torch.int32) if num_experts * M < 2**31 else rows
+    # Radix sort on CUDA is stable anyway; `stable=True` makes the within-row order (and so the fp32
+    # summation order) a documented guarantee rather than an implementation detail.
+    sorted_rows, perm = torch.sort(keys, stable=deterministic)
+    uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    seg_start = torch.zeros(uniq.numel() + 1, device=indices.device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=seg_start[1:])
+    return perm, seg_start, uniq.to(torch.int64)
+
+
+def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, tables, sparse_grad):
+    """Pass B (row-major): each touched row's gradient reduced over its segment and written once.
+
+    cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, seg_start, rows from
+    ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D). Returns (du, dv, dg): dense (N, M, D)
+    tensors of zeros plus the written rows, or sparse COO tensors of the touched experts' (M, D) rows.
+    """
+    T, D = x.shape
+    N, M, _ = tables[0].shape
+    E = cu.shape[1]
+    R = rows.numel()
+    glu = tables[2] is not None
+    # Compact rows: ascending, and every unit of a touched expert is touched, so position r holds row
+    # rows[r] and the buffer views as (R // M, M, D) experts. Dense: zeros plus one write per touched row.
+    shape, alloc = ((R, D), torch.empty) if sparse_grad else ((N * M, D), torch.zeros)
+    grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
+    coefs = [c.view(-1)[perm] if c is not None else None for c in (cu, cv, cg)]  # (T*E,) in sorted order
+    block_d = triton.next_power_of_2(D)
+    block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
+    if R > 0:
+        _peer_bwd_row_kernel[(R,)](
+            x, dout, perm, seg_start, rows, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
+            grads[0], grads[1], grads[2] if glu else grads[0],
+            D, E, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
+        )  # fmt: skip
+    if not sparse_grad:
+        return tuple(gr.view(N, M, D) if gr is not None else None for gr in grads)
+    experts = (rows[::M] // M).unsqueeze(0)  # (1, R // M)
+    return tuple(
+        torch.sparse_coo_tensor(experts, gr.view(R // M, M, D), (N, M, D), is_coalesced=True, check_invariants=False)
+        if gr is not None
+        else None
+        for gr in grads
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd Function
+# ----------------------------------------------------------------------------------------
+
+
+class PEERExpertsFunction(torch.autograd.Function):
+    """Fused PEER experts; inputs already contiguous and checked by ``peer_experts_triton``."""
+
+    @staticmethod
+    def forward(ctx, x, indices, scores, u, v, g, activation, deterministic, sparse_grad):
+        out, pre, gpre = peer_forward(x, indices, scores, u, v, g, activation)
+        ctx.save_for_backward(x, indices, scores, u, v, g, pre, gpre)
+        ctx.activation = activation
+        ctx.deterministic = deterministic
+        ctx.sparse_grad = sparse_grad
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, indices, scores, u, v, g, pre, gpre = ctx.saved_tensors
+        dout = dout.contiguous()
+        T, H, K = indices.shape
+        M = u.shape[1]
+        dx, dscore, cu, cv, cg = peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, ctx.activation)
+        dscores = dscore.view(T, H, K, M).sum(-1).to(scores.dtype)  # (T, H, K)
+        du = dv = dg = None
+        if any(ctx.needs_input_grad[3:6]):
+            perm, seg_start, rows = sort_rows(indices, M, u.shape[0], ctx.deterministic)
+            du, dv, dg = peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, (u, v, g), ctx.sparse_grad)
+        return dx, None, dscores, du, dv, dg, None, None, None
+
+
+def _fallback_reason(x, indices, u) -> str | None:
+    if x.shape[1] > MAX_FUSED_DIM:
+        return f"model width D={x.shape[1]} exceeds MAX_FUSED_DIM={MAX_FUSED_DIM}"
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {x.dtype} is not one of float32/float16/bfloat16"
+    return None
+
+
+_logged_fallbacks: set[str] = set()
+
+
+def peer_experts_triton(x, indices, scores, u, v, activation, g=None, deterministic=False, sparse_grad=False):
+    """PEER expert computation with the fused Triton kernels.
+
+    Args:
+        x: (T, D) token inputs.
+        indices: (T, H, K) int64 flat expert ids in [0, N).
+        scores: (T, H, K) mixing weights (already softmaxed / sigmoided).
+        u, v, g: (N, M, D) expert tables (g only for gated experts).
+        activation: "gelu" (exact erf) | "relu" | "silu".
+        deterministic: stable sort of the backward's row segments (bitwise-reproducible gradients).
+        sparse_grad: return the tables' gradients as sparse COO tensors over the touched experts
+            instead of dense (N, M, D) tensors (skips zeroing the tables' worth of gradient memory).
+
+    Returns:
+        out (T, D) in x's dtype (fp32 accumulation).
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: got {activation!r}; allowed: {' | '.join(ACTIVATIONS)}")
+    if indices.dtype != torch.int64:
+        raise ValueError(f"indices: got dtype {indices.dtype}; must be torch.int64")
+    reason = _fallback_reason(x, indices, u)
+    if reason is not None:
+        if reason not in _logged_fallbacks:
+            _logged_fallbacks.add(reason)
+            logger.warning("peer_experts_triton: using the torch reference because %s", reason)
+        from llm.ops.peer_reference import peer_experts_reference
+
+        return peer_experts_reference(x, indices, scores, u, v, activation, g=g)
+    return PEERExpertsFunction.apply(
+        x.contiguous(), indices.contiguous(), scores.contiguous(), u.contiguous(), v.contiguous(),
+        g.contiguous() if g is not None else None, activation, deterministic, sparse_grad,
+    )  # fmt: skip

@@ -1,0 +1,157 @@
+"""llm/ops/triton_peer_kernels.py against the torch reference (Triton interpreter on CPU, or a GPU).
+
+Every case compares the output and the gradients of x, scores, u, v (and g) with
+``peer_experts_reference`` evaluated in fp32 on the same (rounded) inputs, by relative RMS error.
+"""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from llm.ops import triton_peer_kernels as tpk
+from llm.ops.peer_reference import peer_experts_reference
+from llm.ops.triton_peer_kernels import peer_experts_triton
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
+# Relative RMS error bounds per input dtype: fp32 is exact up to summation order; bf16/fp16 round the
+# output and the table gradients once (8 and 11 mantissa bits).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def assert_close(name, got, ref, tol):
+    got, ref = got.double(), ref.double()
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = got - ref
+    max_abs = err.abs().max().item() if err.numel() else 0.0
+    rel_rms = (err.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-30)).item() if err.numel() else 0.0
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert rel_rms <= tol, f"{name}: max abs err {max_abs:.3e}, relative RMS err {rel_rms:.3e} > {tol:.1e}"
+
+
+def make_indices(kind, T, H, K, N, gen):
+    if kind == "repeats":  # few experts: many tokens share rows, rows repeat within a token
+        return torch.randint(0, N, (T, H, K), generator=gen)
+    if kind == "hot":  # one expert takes ~80% of the selections: one long backward segment
+        idx = torch.randint(0, N, (T, H, K), generator=gen)
+        return torch.where(torch.rand(T, H, K, generator=gen) < 0.8, torch.full_like(idx, 3), idx)
+    if kind == "all_once":  # every expert exactly once: segments of length one
+        assert N == T * H * K
+        return torch.randperm(N, generator=gen).view(T, H, K)
+    raise AssertionError(kind)
+
+
+def make_inputs(T, H, K, N, M, D, glu, kind, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, D, generator=gen)
+    scores = torch.softmax(torch.randn(T, H, K, generator=gen), dim=-1)
+    tables = [torch.randn(N, M, D, generator=gen) / D**0.5 for _ in range(3 if glu else 2)]
+    indices = make_indices(kind, T, H, K, N, gen)
+    dout = torch.randn(T, D, generator=gen)
+    cast = [t.to(dtype).to(DEVICE) for t in (x, scores, *tables, dout)]
+    return cast[0], indices.to(DEVICE), cast[1], cast[2:-1], cast[-1]
+
+
+def run(fn, x, indices, scores, tables, dout, activation, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, scores, *tables)]
+    x_, s_, u_, v_ = leaves[:4]
+    g_ = leaves[4] if len(leaves) == 5 else None
+    out = fn(x_, indices, s_, u_, v_, activation, g=g_, **kw)
+    out.backward(dout)
+    grads = [t.grad.to_dense() if t.grad.is_sparse else t.grad for t in leaves]
+    return out, grads
+
+
+def check_against_reference(T, H, K, N, M, D, glu, kind, activation, dtype, **kw):
+    x, indices, scores, tables, dout = make_inputs(T, H, K, N, M, D, glu, kind, dtype)
+    out, grads = run(peer_experts_triton, x, indices, scores, tables, dout, activation, **kw)
+    up = [t.float() for t in (x, scores, *tables)]
+    ref_out, ref_grads = run(peer_experts_reference, up[0], indices, up[1], up[2:], dout.float(), activation)
+    assert out.dtype == dtype
+    for leaf, grad in zip((x, scores, *tables), grads, strict=True):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+    tol = TOLERANCE[dtype]
+    assert_close("out", out, ref_out, tol)
+    for name, got, ref in zip(["dx", "dscores", "du", "dv", "dg"], grads, ref_grads, strict=False):
+        assert_close(name, got, ref, tol)
+
+
+# (T, H, K, N, M, D, glu, indices kind, activation): D never a power of two, N tiny for repeats.
+CASES = {
+    "repeats-gelu": (6, 2, 3, 5, 1, 40, False, "repeats", "gelu"),
+    "hot-silu": (9, 2, 2, 16, 1, 24, False, "hot", "silu"),
+    "all_once-relu": (4, 2, 3, 24, 1, 33, False, "all_once", "relu"),
+    "T1-gelu": (1, 3, 2, 7, 1, 20, False, "repeats", "gelu"),
+    "M3-glu-gelu": (5, 2, 2, 6, 3, 28, True, "repeats", "gelu"),
+    "M2-silu": (4, 1, 4, 9, 2, 48, False, "repeats", "silu"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_matches_reference_fp32(case):
+    check_against_reference(*CASES[case], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", ["repeats-gelu", "M3-glu-gelu"])
+def test_matches_reference_low_precision(case, dtype):
+    check_against_reference(*CASES[case], dtype)
+
+
+def test_sparse_grads_equal_dense_grads_and_hold_only_touched_experts():
+    T, H, K, N, M, D = 5, 2, 2, 30, 2, 20
+    x, indices, scores, tables, dout = make_inputs(T, H, K, N, M, D, True, "repeats", torch.float32)
+    _, dense = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")
+    leaves = [t.detach().clone().requires_grad_() for t in (x, scores, *tables)]
+    peer_experts_triton(leaves[0], indices, leaves[1], *leaves[2:4], "gelu", g=leaves[4], sparse_grad=True).backward(
+        dout
+    )
+    touched = torch.unique(indices)
+    for leaf, want in zip(leaves[2:], dense[2:], strict=True):
+        # autograd's accumulation drops the coalesced flag; the rows are still sorted and distinct
+        assert leaf.grad.is_sparse and torch.equal(leaf.grad._indices()[0], touched)
+        assert torch.equal(leaf.grad.to_dense(), want)
+
+
+def test_backward_is_bitwise_reproducible_with_a_hot_expert():
+    x, indices, scores, tables, dout = make_inputs(12, 2, 4, 8, 1, 36, False, "hot", torch.float32)
+    _, first = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", deterministic=True)
+    _, second = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", deterministic=True)
+    _, default = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")
+    for a, b, c in zip(first, second, default, strict=True):
+        assert torch.equal(a, b)
+        # without deterministic the sort may be unstable: same sums, rows possibly summed in another order
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_saves_only_indices_scores_and_preactivations():
+    T, H, K, N, M, D = 4, 2, 3, 10, 1, 24
+    x, indices, scores, tables, _ = make_inputs(T, H, K, N, M, D, False, "repeats", torch.float32)
+    params = [t.requires_grad_() for t in tables]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        peer_experts_triton(x.requires_grad_(), indices, scores.requires_grad_(), *params, "gelu")
+    activations = [t for t in saved if not any(t.data_ptr() == p.data_ptr() for p in params + [x])]
+    shapes = sorted(tuple(t.shape) for t in activations)
+    assert shapes == sorted([(T, H, K), (T, H, K), (T, H * K * M)]), shapes
+    per_token = sum(t.numel() * t.element_size() for t in activations) / T
+    assert per_token == H * K * (8 + 4 + 4)  # int64 index, fp32 score, fp32 pre-activation
+
+
+def test_wide_inputs_fall_back_to_the_reference_with_a_logged_reason(monkeypatch, caplog):
+    monkeypatch.setattr(tpk, "MAX_FUSED_DIM", 16)
+    monkeypatch.setattr(tpk, "_logged_fallbacks", set())
+    x, indices, scores, tables, _ = make_inputs(3, 2, 2, 5, 1, 20, False, "repeats", torch.float32)
+    with caplog.at_level(logging.WARNING, logger=tpk.__name__):
+        out = peer_experts_triton(x, indices, scores, *tables, "relu")
+    assert "MAX_FUSED_DIM" in caplog.text
+    assert torch.equal(out, peer_experts_reference(x, indices, scores, *tables, "relu"))
+
+
+def test_rejects_unknown_activation_and_non_int64_indices():
+    x, indices, scores, tables, _ = make_inputs(2, 1, 2, 4, 1, 8, False, "repeats", torch.float32)
+    with pytest.raises(ValueError, match="activation"):
+        peer_experts_triton(x, indices, scores, *tables, "tanh")
+    with pytest.raises(ValueError, match="int64"):
+        peer_experts_triton(x, indices.int(), scores, *tables, "gelu")
