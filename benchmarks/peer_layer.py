@@ -194,6 +194,8 @@ def run_layers(rows, size, peer_pytorch_dir):
     cfg = PEERConfig(num_experts=N, product_key_dim=[side, side], num_experts_per_tok=K, num_heads=H, query_dim=128,
                      kernel="triton")  # fmt: skip
     layers["ours (triton)"] = lambda: PEER(D, cfg)
+    # table_optimizer sparse_adam makes the layer return row-sparse table gradients (no dense zeroing)
+    layers["ours (triton, sparse table grads)"] = lambda: PEER(D, replace(cfg, table_optimizer="sparse_adam"))
     layers["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
     if peer_pytorch_dir:
         sys.path.insert(0, str(Path(peer_pytorch_dir).resolve()))

@@ -26,15 +26,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from llm.ops.triton_topk import topk_positions
+
 
 def _select(scores_RC: Tensor, ids_RC: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
     """Top-k of candidates listed in ascending-id order; ties go to the lower id.
 
     ``ids_RC=None`` means the ids are ``arange(C)``. Returns (scores, ids), each (..., k), sorted by
-    (score descending, id ascending). A stable descending sort keeps equal scores in input (= id) order;
-    ``torch.topk`` documents no tie order, hence the sort.
+    (score descending, id ascending). ``topk_positions`` breaks ties by the lowest position (= lowest id):
+    a stable sort on CPU, a register top-k kernel on CUDA; ``torch.topk`` documents no tie order.
     """
-    order_Rk = torch.sort(scores_RC, dim=-1, descending=True, stable=True).indices[..., :k]
+    order_Rk = topk_positions(scores_RC, k)
     ids_Rk = order_Rk if ids_RC is None else ids_RC.gather(-1, order_Rk)
     return scores_RC.gather(-1, order_Rk), ids_Rk
 
