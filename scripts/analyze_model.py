@@ -16,11 +16,12 @@ import argparse
 import sys
 
 from llm.config import ConfigError, load_config
+from llm.config.cli import add_config_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    add_config_arguments(parser, example="model_config.num_layers=24")
     parser.add_argument("--output", default=None, metavar="PNG", help="write a total-vs-active parameter chart here")
     parser.add_argument(
         "--checkpoint", default=None, metavar="DIR",
@@ -32,10 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify", action="store_true",
         help="also build the model on the meta device (no memory) and check the counts against it",
-    )
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. model_config.num_layers=24 (repeatable)",
     )
     args = parser.parse_args(argv)
     errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)

@@ -14,15 +14,14 @@ import argparse
 import sys
 
 from llm.config import load_config
+from llm.config.cli import add_config_arguments
 from llm.data.pretokenized import prepare_pretokenized
 from llm.data.tokenizer import build_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config whose dataset_config names the mix and tokenizer")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by dotted key, e.g. dataset_config.mix=web_only (repeatable)")
+    add_config_arguments(parser, "YAML config whose dataset_config names the mix and tokenizer", "dataset_config.mix=web_only")
     parser.add_argument("--output", required=True, help="directory for index.json, tokenizer/, train/ and validation/ shards")
     parser.add_argument("--max-tokens", type=int, default=0,
                         help="stop the train split after this many tokens (0 = one full pass; required for the embedded mix)")

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 from llm.config import ConfigError, load_config
+from llm.config.cli import add_config_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run directory")
-    parser.add_argument("--config", required=True, help="YAML config whose dataset_config names the validation data")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, "YAML config whose dataset_config names the validation data", "eval_config.eval_batches=50")
     parser.add_argument(
         "--batches", type=int, default=None, help="validation batches (default eval_config.eval_batches)"
     )

@@ -18,15 +18,12 @@ import os
 import sys
 
 from llm.config import ConfigError, dump_config, load_config
+from llm.config.cli import add_config_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value by dotted key, e.g. train_config.lr=3e-4 (repeatable)",
-    )  # fmt: skip
+    add_config_arguments(parser)
     parser.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="PATH",
         help="continue from the latest valid checkpoint of output_dir, or from PATH (a checkpoint or run folder)",

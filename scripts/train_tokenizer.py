@@ -14,14 +14,13 @@ import argparse
 import sys
 
 from llm.config import load_config
+from llm.config.cli import add_config_arguments
 from llm.data.tokenizer import SPECIAL_TOKENS, train_tokenizer_on_mix
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config whose dataset_config names the mix (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value by dotted key, e.g. dataset_config.mix=web_only (repeatable)")
+    add_config_arguments(parser, "YAML config whose dataset_config names the mix (see configs/)", "dataset_config.mix=web_only")
     parser.add_argument("--output", required=True, help="directory to write tokenizer.json and special_tokens.json into")
     parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size including special tokens (default 32000)")
     parser.add_argument("--max-documents", type=int, default=100_000, help="documents of the mix to train on (default 100000)")

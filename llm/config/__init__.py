@@ -3,8 +3,8 @@
 from llm.config.defaults import (
     AblationConfig,
     Config,
-    DataSourceConfig,
     DatasetConfig,
+    DataSourceConfig,
     EvalConfig,
     MLAConfig,
     ModelConfig,

@@ -8,7 +8,8 @@ the section's validator too, so a config built in Python gets the same messages 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from llm.config.defaults import (
     AblationConfig,
