@@ -128,6 +128,10 @@ def wrap_model(module: nn.Module, inner: nn.Module, train_config: TrainConfig, i
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # DDP broadcasts rank 0's buffers before every forward. PEER's usage counts are per-rank tallies that
+    # the tracker sums with an all-reduce: broadcasting them would replace each rank's counts by rank 0's.
+    local_tallies = [name for name, _ in module.named_buffers() if name.endswith("usage_counts")]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, local_tallies)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=device_ids)
 

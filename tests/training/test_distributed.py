@@ -60,3 +60,48 @@ def test_unwrap_reaches_the_inner_module():
     outer = torch.nn.Module()
     outer.module = inner
     assert unwrap(outer) is inner and unwrap(inner) is inner
+
+
+def _usage_counts_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from llm.config.defaults import PEERConfig, TrainConfig
+    from llm.models.experts import PEER
+    from llm.training.distributed import wrap_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)  # same weights on both ranks, as DDP requires
+    cfg = PEERConfig(num_experts=64, product_key_dim=[8, 8], num_experts_per_tok=4, num_heads=2, query_dim=8,
+                     log_expert_usage=True)  # fmt: skip
+    peer = PEER(16, cfg)
+    ddp = wrap_model(peer, peer, TrainConfig(distributed="ddp"), DistInfo(rank=rank, world_size=world_size))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(100 + rank))  # different data per rank
+    for _ in range(2):
+        ddp(x).sum().backward()
+    _, idx = peer.retrieve(x)
+    expected = torch.zeros(2, 64, dtype=torch.int64)
+    for h in range(2):
+        expected[h] += 2 * torch.bincount(idx[..., h, :].reshape(-1), minlength=64)
+    torch.save({"counts": peer.usage_counts.clone(), "expected": expected}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_keeps_each_ranks_usage_counts(tmp_path):
+    """DDP must not overwrite a rank's PEER usage tallies with rank 0's (broadcast_buffers)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_usage_counts_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for result in saved:
+        assert torch.equal(result["counts"], result["expected"])
+    assert not torch.equal(saved[0]["counts"], saved[1]["counts"])  # the ranks really saw different tokens
