@@ -217,6 +217,13 @@ def run_layers(rows, size, peer_pytorch_dir):
         if name == "ours (triton)":
             rows.append(Row(size, "piece: routing retrieve() fwd", name, bench(lambda layer=layer: layer.retrieve(x))))
 
+            def retrieve_fwd_bwd(layer=layer):
+                scores, _ = layer.retrieve(x)
+                routing = [x, layer.query.weight, *layer.sub_keys]
+                return torch.autograd.grad(scores, routing, torch.ones_like(scores), allow_unused=True)
+
+            rows.append(Row(size, "piece: routing retrieve() fwd+bwd", name, bench(retrieve_fwd_bwd)))
+
             def topk_routing(layer=layer):  # plain torch.topk product keys: same experts up to tie order
                 a, b = layer.subkey_scores(x)
                 (sa, ia), (sb, ib) = a.topk(K, dim=-1), b.topk(K, dim=-1)

@@ -28,9 +28,8 @@ from torch import Tensor, nn
 
 from llm.config.defaults import PEERConfig
 from llm.config.validation import validate_peer_config
-from llm.models.product_keys import product_topk
+from llm.models.product_keys import retrieve_topk, subkey_scores_from_queries
 from llm.ops.peer_experts import peer_experts
-from llm.ops.peer_reference import autocast_off
 
 # E[act(z)^2] for z ~ N(0, 1) (numerical integrals): the variance one active expert neuron contributes.
 _ACT_SECOND_MOMENT = {"gelu": 0.4252, "relu": 0.5, "silu": 0.3557}
@@ -115,12 +114,8 @@ class PEER(nn.Module):
             self.query_norm.reset_parameters()
 
     # ----------------------------------------------------------------------------------- retrieval
-    def subkey_scores(self, x: Tensor) -> list[Tensor]:
-        """Sub-key scores per part: x [..., D] -> P tensors [..., H, product_key_dim[p]].
-
-        An expert's retrieval score (what ``retrieve`` returns) is the sum of its coordinates' entries.
-        """
-        lead = x.shape[:-1]
+    def _queries(self, x: Tensor) -> Tensor:
+        """x [..., D] -> normalised queries (T, H, Q) in >= fp32 (T = all leading dims flattened)."""
         H, Q = self.num_heads, self.config.query_dim
         q_TF = self.query(x.reshape(-1, self.dim))  # (T, H*Q)
         if isinstance(self.query_norm, nn.BatchNorm1d):
@@ -130,26 +125,34 @@ class PEER(nn.Module):
             q_THQ = self.query_norm(q_THQ)
         # Scores in >= fp32 even under bf16 autocast: bf16's 8-bit mantissa would tie many of the
         # sub-key scores and change which experts win (the einsums are small next to the experts).
-        acc = torch.promote_types(q_THQ.dtype, torch.float32)
-        parts = q_THQ.to(acc).split(self.part_dim, dim=-1)  # P x (T, H, q)
-        scores = []
-        with autocast_off(x.device.type):
-            for q_THq, keys in zip(parts, self.sub_keys, strict=True):
-                if keys.dim() == 2:  # shared by heads: (n, q)
-                    s_THn = torch.einsum("thq,nq->thn", q_THq, keys.to(acc))
-                else:  # one set per head: (H, n, q)
-                    s_THn = torch.einsum("thq,hnq->thn", q_THq, keys.to(acc))
-                scores.append(s_THn.reshape(*lead, H, keys.shape[-2]))
-        return scores
+        return q_THQ.to(torch.promote_types(q_THQ.dtype, torch.float32))
+
+    def _sub_keys(self, dtype: torch.dtype) -> list[Tensor]:
+        return [keys.to(dtype) for keys in self.sub_keys]
+
+    def subkey_scores(self, x: Tensor) -> list[Tensor]:
+        """Sub-key scores per part: x [..., D] -> P tensors [..., H, product_key_dim[p]].
+
+        An expert's retrieval score (what ``retrieve`` returns) is the sum of its coordinates' entries.
+        """
+        lead = x.shape[:-1]
+        q_THQ = self._queries(x)
+        scores = subkey_scores_from_queries(q_THQ, self._sub_keys(q_THQ.dtype))
+        return [s_THn.reshape(*lead, self.num_heads, s_THn.shape[-1]) for s_THn in scores]
 
     def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Top-k experts per head: x [..., D] -> (scores, indices), each [..., H, K].
 
         ``scores`` are the raw retrieval scores (sums of sub-key scores, before softmax/sigmoid), sorted
         descending per head, ties to the lower id; ``indices`` are int64 flat expert ids in [0, N),
-        row-major over ``product_key_dim``. Scores are differentiable w.r.t. the query path and sub-keys.
+        row-major over ``product_key_dim``. Scores are differentiable w.r.t. the query path and sub-keys;
+        the backward touches only the selected sub-keys (``retrieve_topk``). On CUDA the per-part top-k
+        and the merges run as Triton kernels (``product_topk``).
         """
-        return product_topk(self.subkey_scores(x), self.k)
+        lead = x.shape[:-1]
+        q_THQ = self._queries(x)
+        scores_THK, ids_THK = retrieve_topk(q_THQ, self._sub_keys(q_THQ.dtype), self.k)
+        return scores_THK.reshape(*lead, self.num_heads, self.k), ids_THK.reshape(*lead, self.num_heads, self.k)
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:

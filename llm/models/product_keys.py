@@ -24,9 +24,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from llm.ops.triton_topk import topk_positions
+from llm.ops.peer_reference import autocast_off
+from llm.ops.triton_peer_routing import MAX_FLAT_ID, merge_topk
+from llm.ops.triton_topk import kernel_applies, topk, topk_positions
 
 
 def _select(scores_RC: Tensor, ids_RC: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -67,6 +70,8 @@ def product_topk(part_scores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]
     if not 1 <= k <= total:
         raise ValueError(f"product_topk: k={k} must be in [1, prod({sizes})={total}]")
 
+    if all(p.dtype == torch.float32 and kernel_applies(p) for p in part_scores) and total <= MAX_FLAT_ID + 1:
+        return _product_topk_kernels(part_scores, sizes, k)
     scores_Rk, ids_Rk = _select(part_scores[0], None, min(k, sizes[0]))
     for part, n_p in zip(part_scores[1:], sizes[1:], strict=True):
         # Prune the new part on its own first: only its top-k sub-keys can appear in the product's top-k.
@@ -78,6 +83,125 @@ def product_topk(part_scores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]
         num_cand = cand_Rab.shape[-1] * cand_Rab.shape[-2]
         scores_Rk, ids_Rk = _select(cand_Rab.flatten(-2), cand_ids_Rab.flatten(-2), min(k, num_cand))
     return scores_Rk, ids_Rk
+
+
+def _product_topk_kernels(part_scores: Sequence[Tensor], sizes: list[int], k: int) -> tuple[Tensor, Tensor]:
+    """``product_topk`` with the Triton kernels (CUDA, fp32): per-part top-k, then register merges.
+
+    The kernels return values without a graph; where a part needs a gradient the scores are re-formed by
+    gathering each coordinate's sub-key score and summing left to right, the kernels' own order, so the
+    values are the same bits (up to the sign of a zero).
+    """
+    scores_Rk, ids_Rk = topk(part_scores[0], min(k, sizes[0]))
+    num_ids = sizes[0]
+    for part, n_p in zip(part_scores[1:], sizes[1:], strict=True):
+        part_Rk, pos_Rk = topk(part, min(k, n_p))
+        num_ids *= n_p
+        kept = min(k, scores_Rk.shape[-1] * part_Rk.shape[-1])
+        scores_Rk, ids_Rk = merge_topk(scores_Rk, ids_Rk, part_Rk, pos_Rk, n_p, kept, num_ids)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in part_scores):
+        scores_Rk = gather_scores(part_scores, unravel_ids(ids_Rk, sizes))
+    return scores_Rk, ids_Rk
+
+
+def unravel_ids(ids: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """Row-major flat ids (...) -> P coordinate tensors (...), coordinate p in [0, sizes[p])."""
+    coords = []
+    for n_p in reversed(sizes):
+        coords.append(ids % n_p)
+        ids = ids // n_p
+    return coords[::-1]
+
+
+def gather_scores(part_scores: Sequence[Tensor], coords: Sequence[Tensor]) -> Tensor:
+    """sum_p part_scores[p][..., coords[p]], summed left to right: parts (..., n_p), coords (..., k)."""
+    total = part_scores[0].gather(-1, coords[0])
+    for part, c in zip(part_scores[1:], coords[1:], strict=True):
+        total = total + part.gather(-1, c)
+    return total
+
+
+def subkey_scores_from_queries(q_THQ: Tensor, sub_keys: Sequence[Tensor]) -> list[Tensor]:
+    """Queries (T, H, P*q) and P sub-key sets ((n_p, q) shared or (H, n_p, q) per head) -> P x (T, H, n_p).
+
+    Computed in the queries' dtype with autocast off (PEER keeps retrieval scores in >= fp32).
+    """
+    q = sub_keys[0].shape[-1]
+    scores = []
+    with autocast_off(q_THQ.device.type):
+        for q_THq, keys in zip(q_THQ.split(q, dim=-1), sub_keys, strict=True):
+            if keys.dim() == 2:  # shared by heads: (n, q)
+                scores.append(torch.einsum("thq,nq->thn", q_THq, keys))
+            else:  # one set per head: (H, n, q)
+                scores.append(torch.einsum("thq,hnq->thn", q_THq, keys))
+    return scores
+
+
+class _ProductKeyRetrieval(torch.autograd.Function):
+    """scores, ids = top-k over the product of the queries' sub-key scores, with a row-sparse backward.
+
+    Autograd through ``product_topk`` would keep the dense (T, H, n_p) scores of every part and send a
+    dense gradient of that size back through the score einsums. The selected score is
+    ``sum_p q_p . key_p[c_p]``, so only the K selected sub-keys per part and row carry gradient:
+    ``dq_p = sum_k dscore_k key_p[c_pk]`` is an ``embedding_bag`` with per-sample weights, and
+    ``dkey_p`` is that embedding_bag's table gradient for the output gradient q_p.
+    """
+
+    @staticmethod
+    def forward(ctx, k: int, q_THQ: Tensor, *sub_keys: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            parts = subkey_scores_from_queries(q_THQ, sub_keys)
+            scores_THK, ids_THK = product_topk(parts, k)
+            del parts
+        ctx.save_for_backward(q_THQ, ids_THK, *sub_keys)
+        ctx.mark_non_differentiable(ids_THK)
+        return scores_THK, ids_THK
+
+    @staticmethod
+    def backward(ctx, dscores_THK: Tensor, _dids: Tensor | None):
+        q_THQ, ids_THK, *sub_keys = ctx.saved_tensors
+        T, H, K = ids_THK.shape
+        q = sub_keys[0].shape[-1]
+        coords = unravel_ids(ids_THK, [keys.shape[-2] for keys in sub_keys])
+        dq_parts, dkeys = [], []
+        with autocast_off(q_THQ.device.type):
+            for p, (keys, c_THK) in enumerate(zip(sub_keys, coords, strict=True)):
+                n_p = keys.shape[-2]
+                if keys.dim() == 3:  # per-head sets: row h * n_p + c of the flattened (H * n_p, q) table
+                    c_THK = c_THK + torch.arange(H, device=c_THK.device).unsqueeze(-1) * n_p
+                idx = c_THK.reshape(T * H, K)
+                w = dscores_THK.reshape(T * H, K).to(keys.dtype).contiguous()
+                q_p = q_THQ[..., p * q : (p + 1) * q].reshape(T * H, q)
+                table = keys.detach().reshape(-1, q)
+                if ctx.needs_input_grad[2 + p]:
+                    with torch.enable_grad():
+                        leaf = table.requires_grad_()
+                        dq_p = F.embedding_bag(idx, leaf, per_sample_weights=w, mode="sum")  # (T*H, q)
+                        (dtable,) = torch.autograd.grad(dq_p, leaf, q_p.contiguous())
+                    dkeys.append(dtable.view_as(keys))
+                    dq_p = dq_p.detach()
+                else:
+                    dkeys.append(None)
+                    dq_p = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+                dq_parts.append(dq_p)
+        dq = torch.cat(dq_parts, dim=-1).view(T, H, -1) if ctx.needs_input_grad[1] else None
+        return None, dq, *dkeys
+
+
+def retrieve_topk(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k experts per (token, head) from queries and sub-keys, differentiable in both.
+
+    Args:
+        q_THQ: (T, H, P*q) queries (fp32 or wider; scores are computed in this dtype).
+        sub_keys: P tensors, (n_p, q) shared by heads or (H, n_p, q) per head, same dtype as q_THQ.
+        k: experts per head, ``1 <= k <= prod(n_p)``.
+
+    Returns:
+        scores (T, H, k), equal to ``product_topk(subkey_scores_from_queries(q_THQ, sub_keys), k)``'s;
+        ids (T, H, k) int64 flat ids (row-major over the parts), ties to the lower id. The backward
+        touches only the selected sub-keys (see ``_ProductKeyRetrieval``).
+    """
+    return _ProductKeyRetrieval.apply(k, q_THQ, *sub_keys)
 
 
 def brute_force_topk(part_scores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:

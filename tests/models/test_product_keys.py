@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llm.models.product_keys import brute_force_topk, product_topk
+from llm.models.product_keys import brute_force_topk, product_topk, retrieve_topk, subkey_scores_from_queries
 
 
 def python_brute_force(parts, k):
@@ -105,3 +105,23 @@ def test_bad_k_raises():
         product_topk(parts, 0)
     with pytest.raises(ValueError, match="empty"):
         product_topk([], 1)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-head"])
+def test_retrieve_topk_equals_product_topk_with_same_gradients(shared):
+    """The row-sparse backward (embedding_bag) equals autograd through the dense sub-key scores (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    sizes, T, H, q, k = [4, 3, 5], 5, 2, 2, 7
+    q_THQ = torch.randn(T, H, q * len(sizes), generator=gen, dtype=torch.float64, requires_grad=True)
+    keys = [
+        torch.randn(*(() if shared else (H,)), n, q, generator=gen, dtype=torch.float64, requires_grad=True)
+        for n in sizes
+    ]
+    scores, ids = retrieve_topk(q_THQ, keys, k)
+    want_scores, want_ids = product_topk(subkey_scores_from_queries(q_THQ, keys), k)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    weight = torch.randn(T, H, k, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((scores * weight).sum(), [q_THQ, *keys])
+    want = torch.autograd.grad((want_scores * weight).sum(), [q_THQ, *keys])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

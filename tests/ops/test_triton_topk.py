@@ -58,3 +58,21 @@ def test_nan_never_repeats_or_escapes_the_row():
 def test_dispatch_uses_reference_on_cpu_for_any_shape():
     scores = torch.randn(2, 3, 5000)
     assert torch.equal(topk_positions(scores, 4), topk_positions_reference(scores, 4))
+
+
+@pytest.mark.parametrize("tile,warps", [(1024, None), (256, 1), (4096, 2)], ids=str)
+def test_values_and_launch_configs_match_reference(tile, warps):
+    gen = torch.Generator().manual_seed(tile)
+    scores = torch.randint(-4, 5, (19, 300), generator=gen).float() * 0.5  # many ties
+    scores[0, :5] = torch.tensor([-0.0, 0.0, -0.0, 2.0, 0.0])  # -0.0 ties with +0.0 (lowest position wins)
+    vals, pos = triton_topk.topk_triton(scores.to(DEVICE), 12, tile_elements=tile, num_warps=warps)
+    want_vals, want_pos = triton_topk.topk_reference(scores, 12)
+    assert torch.equal(pos.cpu(), want_pos)
+    assert torch.equal(vals.cpu(), want_vals) and vals.dtype == torch.float32
+
+
+def test_topk_dispatch_returns_values_and_positions():
+    scores = torch.randn(2, 3, 40)
+    vals, pos = triton_topk.topk(scores, 6)
+    assert torch.equal(pos, topk_positions_reference(scores, 6))
+    assert torch.equal(vals, scores.gather(-1, pos))

@@ -1,0 +1,156 @@
+"""The merge step of PEER's product-key top-k: a Triton kernel and its torch reference.
+
+After each part's own top-k (``llm/ops/triton_topk.py``), two candidate lists are merged: every pair
+(a_i, b_j) scores ``a_i + b_j`` with flat id ``id_a * n_b + pos_b``, and the top-k of the k_a x k_b
+grid is kept (ties to the lower flat id). The torch path builds the grid, sorts both lists by id so
+grid order is id order, and runs a stable top-k: ~8 kernels and (R, k, k) temporaries. The kernel forms
+the grid in registers and packs (score, flat id) into int64 keys (``pack_score_id``), so the tie rule
+needs no id-ordered layout and each extracted element costs one ``max``.
+
+Sums are formed as ``a + b`` in fp32, the same operation as the reference, so scores agree bit for bit.
+Flat ids must stay below 2^31 (``MAX_FLAT_ID``); larger products use the reference.
+
+Shape legend: R rows, KA / KB kept candidates of the two lists, k kept after the merge.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from llm.ops.triton_topk import kernel_applies, topk_positions_reference
+
+try:  # Triton is an optional dependency (the dev extra, or a CUDA install of torch).
+    import triton
+    import triton.language as tl
+
+    from llm.ops.triton_topk import _EMPTY_KEY, pack_score_id, unpack_score_id
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+# Flat ids are packed into 31 bits.
+MAX_FLAT_ID = 2**31 - 1
+# Grid keys (int64) per program, as in triton_topk: 1024 over one warp.
+_TILE_ELEMENTS = 1024
+
+
+def merge_topk_reference(
+    a_vals_RA: Tensor, a_ids_RA: Tensor, b_vals_RB: Tensor, b_pos_RB: Tensor, n_b: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """Top-k of the grid a_vals[:, i] + b_vals[:, j] with ids a_ids[:, i] * n_b + b_pos[:, j].
+
+    Returns (values (R, k), int64 flat ids (R, k)), by score descending, ties to the lower flat id.
+    Candidate lists may come in any order (ids within a list unique).
+    """
+    cand_RAB = (a_vals_RA.unsqueeze(-1) + b_vals_RB.unsqueeze(-2)).flatten(-2)
+    ids_RAB = (a_ids_RA.unsqueeze(-1) * n_b + b_pos_RB.unsqueeze(-2)).flatten(-2)
+    ids_sorted, perm = ids_RAB.sort(dim=-1)  # id order, so "lowest position" = "lowest id"
+    order = topk_positions_reference(cand_RAB.gather(-1, perm), k)
+    return cand_RAB.gather(-1, perm).gather(-1, order), ids_sorted.gather(-1, order)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_kernel(
+        a_vals_ptr,  # (R, KA) fp32
+        a_ids_ptr,  # (R, KA) int64
+        b_vals_ptr,  # (R, KB) fp32
+        b_pos_ptr,  # (R, KB) int64
+        vals_ptr,  # (R, K) fp32 out
+        ids_ptr,  # (R, K) int64 out
+        R,
+        KA,
+        KB,
+        n_b,
+        K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BA: tl.constexpr,
+        BB: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        ia = tl.arange(0, BA)
+        ib = tl.arange(0, BB)
+        mask_a = row_ok[:, None] & (ia[None, :] < KA)
+        mask_b = row_ok[:, None] & (ib[None, :] < KB)
+        rows64 = rows.to(tl.int64)[:, None]
+        a = tl.load(a_vals_ptr + rows64 * KA + ia[None, :], mask=mask_a, other=0.0)
+        a_id = tl.load(a_ids_ptr + rows64 * KA + ia[None, :], mask=mask_a, other=0)
+        b = tl.load(b_vals_ptr + rows64 * KB + ib[None, :], mask=mask_b, other=0.0)
+        b_pos = tl.load(b_pos_ptr + rows64 * KB + ib[None, :], mask=mask_b, other=0)
+        s = a[:, :, None] + b[:, None, :]  # (BLOCK_R, BA, BB)
+        ids = a_id[:, :, None] * n_b + b_pos[:, None, :]
+        ok = mask_a[:, :, None] & mask_b[:, None, :]
+        key = tl.where(ok, pack_score_id(s, ids), _EMPTY_KEY)
+        key = tl.reshape(key, (BLOCK_R, BA * BB))
+        out = rows.to(tl.int64) * K
+        for j in tl.static_range(K):
+            best = tl.max(key, axis=1)
+            val, flat = unpack_score_id(best)
+            tl.store(vals_ptr + out + j, val, mask=row_ok)
+            tl.store(ids_ptr + out + j, flat, mask=row_ok)
+            key = tl.where(key == best[:, None], _EMPTY_KEY, key)
+
+
+def merge_topk_triton(
+    a_vals_RA: Tensor, a_ids_RA: Tensor, b_vals_RB: Tensor, b_pos_RB: Tensor, n_b: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """Same contract as ``merge_topk_reference`` for fp32 values and flat ids < 2^31 (2-D inputs)."""
+    assert triton is not None, "triton is not installed"
+    R, KA = a_vals_RA.shape
+    KB = b_vals_RB.shape[1]
+    assert 1 <= k <= KA * KB, (k, KA, KB)
+    vals_Rk = torch.empty(R, k, dtype=torch.float32, device=a_vals_RA.device)
+    ids_Rk = torch.empty(R, k, dtype=torch.int64, device=a_vals_RA.device)
+    if R == 0:
+        return vals_Rk, ids_Rk
+    ba, bb = triton.next_power_of_2(KA), triton.next_power_of_2(KB)
+    block_r = max(1, min(triton.next_power_of_2(R), _TILE_ELEMENTS // (ba * bb)))
+    num_warps = max(1, min(8, block_r * ba * bb // 1024))
+    _merge_kernel[(triton.cdiv(R, block_r),)](
+        a_vals_RA.float().contiguous(),
+        a_ids_RA.contiguous(),
+        b_vals_RB.float().contiguous(),
+        b_pos_RB.contiguous(),
+        vals_Rk,
+        ids_Rk,
+        R,
+        KA,
+        KB,
+        n_b,
+        K=k,
+        BLOCK_R=block_r,
+        BA=ba,
+        BB=bb,
+        num_warps=num_warps,
+    )
+    return vals_Rk, ids_Rk
+
+
+def merge_kernel_applies(a_vals: Tensor, b_vals: Tensor, num_ids: int) -> bool:
+    """True where ``merge_topk`` runs the kernel: CUDA fp32 lists whose flat ids fit in 31 bits."""
+    return (
+        kernel_applies(a_vals)
+        and a_vals.dtype == torch.float32
+        and b_vals.dtype == torch.float32
+        and num_ids <= MAX_FLAT_ID + 1
+    )
+
+
+def merge_topk(
+    a_vals: Tensor, a_ids: Tensor, b_vals: Tensor, b_pos: Tensor, n_b: int, k: int, num_ids: int
+) -> tuple[Tensor, Tensor]:
+    """(..., KA) x (..., KB) lists -> top-k (values, flat ids), each (..., k); no gradient flows.
+
+    ``a_ids`` are flat ids over the earlier parts, ``b_pos`` positions in the new part (< n_b), and
+    ``num_ids`` the size of the merged product (decides whether ids fit the kernel's 31 bits). The kernel
+    runs where ``merge_kernel_applies``, else ``merge_topk_reference`` (same values and ids).
+    """
+    lead = a_vals.shape[:-1]
+    a2, ai2 = a_vals.detach().reshape(-1, a_vals.shape[-1]), a_ids.reshape(-1, a_ids.shape[-1])
+    b2, bp2 = b_vals.detach().reshape(-1, b_vals.shape[-1]), b_pos.reshape(-1, b_pos.shape[-1])
+    use_kernel = merge_kernel_applies(a_vals, b_vals, num_ids)
+    fn = merge_topk_triton if use_kernel else merge_topk_reference
+    vals, ids = fn(a2, ai2, b2, bp2, n_b, k)
+    return vals.view(*lead, k), ids.view(*lead, k)
