@@ -239,9 +239,15 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("world_size", self.plan.world_size), ("num_logical_workers", self.plan.num_logical)):
+        settings = (
+            ("world_size", self.plan.world_size, "the number of processes"),
+            ("num_logical_workers", self.plan.num_logical, "dataset_config.num_workers (0 and 1 are equivalent)"),
+        )
+        for key, mine, what in settings:
             if state.get(key) != mine:
-                raise ValueError(f"data loader state was saved with {key}={state.get(key)}, now {mine}; resume with the same setting")
+                raise ValueError(
+                    f"data loader state was saved with {key}={state.get(key)}, now {mine}; resume with the same {what}"
+                )
         self.states = list(state["workers"])
         self.next_worker = int(state["next_worker"])
         self.batches = int(state["batches"])

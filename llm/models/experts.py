@@ -36,7 +36,13 @@ _ACT_SECOND_MOMENT = {"gelu": 0.4252, "relu": 0.5, "silu": 0.3557}
 
 
 def _inside_backward() -> bool:
-    """True while the autograd engine runs a backward pass (activation checkpointing re-runs forwards there)."""
+    """True while the autograd engine runs a backward pass (activation checkpointing re-runs forwards there).
+
+    Under torch.compile the forward is traced once and checkpoint recomputation happens inside the compiled
+    backward graph, so there is nothing to exclude; asking autograd would also break the graph.
+    """
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from llm.config.defaults import ModelConfig, peer_layer_indices
 from llm.config.validation import validate_model_config
-from llm.models.attention import MultiHeadLatentAttention
+from llm.models.attention import MultiHeadLatentAttention, as_document_mask
 from llm.models.experts import PEER, SwiGLU
 from llm.models.norm import RMSNorm
 
@@ -130,9 +130,10 @@ class FoundationModel(nn.Module):
         """
         if not self.config.mla_config.document_masking:
             doc_ids = None  # loaders always send doc_ids; the config decides whether they mask
+        doc_mask = as_document_mask(doc_ids)  # built once, shared by every block
         x = self.embed(input_ids)  # (B, T, D)
         for i, block in enumerate(self.layers):
-            x = block(x, cache=None if caches is None else caches[i], doc_ids=doc_ids)
+            x = block(x, cache=None if caches is None else caches[i], doc_ids=doc_mask)
         return self.head(self.norm(x))  # (B, T, V)
 
     def loss(

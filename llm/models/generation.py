@@ -151,6 +151,13 @@ def _generate_batch(
     return outputs
 
 
+def prompt_token_ids(tokenizer, prompts: Sequence[str], add_bos: bool) -> list[list[int]]:
+    """Token ids of text prompts as training saw documents: BOS first when the data adds it; an empty
+    prompt starts from EOS, i.e. at the beginning of a new document."""
+    start = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
+    return [start + tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts]
+
+
 def generate_text(
     checkpoint: str,
     prompts: Sequence[str],
@@ -173,8 +180,7 @@ def generate_text(
 
     config, model = model_from_checkpoint(checkpoint, device=device)
     tokenizer = build_tokenizer(config.dataset_config)
-    start = [tokenizer.bos_id] if config.dataset_config.add_bos and tokenizer.bos_id is not None else []
-    prompt_ids = [start + tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts]
+    prompt_ids = prompt_token_ids(tokenizer, prompts, config.dataset_config.add_bos)
     generator = torch.Generator(device=device).manual_seed(seed)
     new = generate(
         model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -60,7 +60,6 @@ RESUMABLE_CHANGES = (
     "model_config.peer_config.max_gather_mib",
     "model_config.mla_config.attention_backend",
     "model_config.mla_config.decode_backend",
-    "dataset_config.num_workers",
     "dataset_config.prefetch_factor",
     "eval_config.",
     "wandb_config.",

@@ -32,6 +32,7 @@ from torch import nn
 
 from llm.config import Config, ConfigError, save_config
 from llm.config.defaults import ModelConfig, TrainConfig
+from llm.models.generation import prompt_token_ids
 from llm.training import distributed
 from llm.training.checkpoint import Checkpointer, checkpoint_step, set_rng_state
 from llm.training.metrics import Throughput, build_logger, memory_gib, peak_flops
@@ -280,7 +281,7 @@ class Loop:
         if not (self.info.is_main or self.checkpointer.sharded):
             return None
         generator = torch.Generator(self.info.device).manual_seed(self.tc.seed)
-        prompts = [tokenizer.encode(p) or [tokenizer.bos_id] for p in ec.sample_prompts]
+        prompts = prompt_token_ids(tokenizer, ec.sample_prompts, self.config.dataset_config.add_bos)
         with self.autocast():
             new = self.model.generate(
                 prompts, ec.sample_tokens, temperature=ec.temperature, top_k=ec.top_k, top_p=ec.top_p,

@@ -173,6 +173,27 @@ def test_document_masking_isolates_packed_documents():
     torch.testing.assert_close(model_off(ids, doc_ids=doc_ids), model_off(ids))  # switch off: ignored
 
 
+def test_flex_document_mask_is_built_once_per_forward(monkeypatch):
+    from torch.nn.attention import flex_attention as flex_module
+
+    calls = []
+    real = flex_module.create_block_mask
+    monkeypatch.setattr(flex_module, "create_block_mask", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = tiny_config()
+    cfg.mla_config.document_masking = True
+    cfg.mla_config.attention_backend = "flex"
+    torch.manual_seed(0)
+    model = FoundationModel(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 10))
+    doc_ids = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [1] * 3])
+    with torch.no_grad():  # flex has no CPU backward
+        flex = model(ids, doc_ids=doc_ids)
+    assert len(calls) == 1  # one block mask shared by the 3 blocks
+    cfg.mla_config.attention_backend = "math"
+    with torch.no_grad():
+        torch.testing.assert_close(flex, model(ids, doc_ids=doc_ids), atol=1e-5, rtol=1e-5)
+
+
 def test_bad_config_raises_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="model_config.peer_layers"):
         FoundationModel(tiny_config(peer_layers=[5]))

@@ -72,15 +72,17 @@ def evaluate_perplexity(
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | None = None) -> dict[str, float]:
-    """Perplexity of a checkpoint's model on ``config``'s validation data (single process)."""
+    """Perplexity of a checkpoint's model on ``config``'s validation data (single process).
+
+    The model is built from the checkpoint's own saved config (so a ``config`` for another model size can
+    never allocate the wrong model or fail on a shape mismatch); ``config`` supplies data and evaluation.
+    """
     from llm.data import build_tokenizer, build_val_loader
-    from llm.models.foundation import FoundationModel
-    from llm.training.checkpoint import load_model_weights
+    from llm.models.hf_export import model_from_checkpoint
     from llm.training.distributed import pick_device
 
     device = pick_device(config.train_config)
-    model = FoundationModel(config.model_config)
-    model.load_state_dict(load_model_weights(checkpoint_dir))
+    _, model = model_from_checkpoint(checkpoint_dir)
     model.to(device)
     tokenizer = build_tokenizer(config.dataset_config)
     val = build_val_loader(config.dataset_config, tokenizer, config.train_config.batch_size)
