@@ -187,3 +187,15 @@ def test_matches_hugging_face_deepseek_v3_attention(q_lora_rank, rope_interleave
     assert back.keys() == attn.state_dict().keys()
     for k, v in attn.state_dict().items():
         assert torch.equal(back[k], v), k
+
+
+def test_flash_backend_pads_values_to_the_qk_width():
+    from llm.models.attention import causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 9, 12, generator=gen), torch.randn(2, 3, 9, 12, generator=gen)
+    v = torch.randn(2, 3, 9, 8, generator=gen)  # MLA: v narrower than qk, which flash alone refuses
+    ref = causal_attention(q, k, v, 0.3, None, "math")
+    out = causal_attention(q, k, v, 0.3, None, "flash")
+    assert out.shape == v.shape
+    assert_close(out, ref, atol=1e-5, rtol=1e-5)
