@@ -221,6 +221,9 @@ class AblationConfig:
     # e.g. {"expert_count": {"64k": {"model_config.peer_config.num_experts": 65536, ...}, ...}}
     axes: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     tokens_per_run: int = 0  # training tokens per run (0 = the base config's length)
+    # How axes combine: one_at_a_time = the base run plus each variant alone (runs grow with the sum of
+    # the axes' sizes); grid = every combination (runs grow with their product).
+    strategy: str = "one_at_a_time"  # one_at_a_time | grid
 
 
 @dataclass

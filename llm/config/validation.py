@@ -218,6 +218,7 @@ def validate_ablation_config(cfg: AblationConfig, prefix: str = "ablation_config
 
     known = set(dotted_keys())
     require(cfg.tokens_per_run >= 0, f"{prefix}.tokens_per_run", cfg.tokens_per_run, "must be >= 0")
+    require_choice(cfg.strategy, f"{prefix}.strategy", ["one_at_a_time", "grid"])
     for axis, variants in cfg.axes.items():
         require(bool(variants), f"{prefix}.axes.{axis}", variants, "must list at least one variant")
         for variant, overrides in variants.items():

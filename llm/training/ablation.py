@@ -1,0 +1,714 @@
+"""Ablation studies: variants of a base config, each trained in its own process, ranked by held-out loss.
+
+An axis maps variant names to dotted-key overrides. The SPEC's five axes are built in and derived from
+the base config (``builtin_axes``); ``ablation_config.axes`` adds axes or replaces a built-in one by name:
+
+- ``data_mix``: every usable mix of the datasets file (``--custom-datasets`` picks the file); a mix whose
+  local files are missing is skipped with a note. Each variant sets ``datasets_file`` and ``mix``.
+- ``expert_count``: every product-key part divided by 4, 2, 1, so N = (n/4)^P, (n/2)^P, n^P (1024^2 base:
+  256^2, 512^2, 1024^2). Not larger: the base is presumably sized to fit memory already.
+- ``expert_size``: expert_hidden_size m in {1, 4, 16} at equal total expert parameters (N*m constant,
+  N re-split into P balanced parts); k stays, so active expert parameters grow with m.
+- ``product_dims``: P in {2, 3, 4} parts with the same N, split as evenly as N's factors allow;
+  query_dim rounded up to a multiple of P where needed.
+- ``num_heads``: h in {h/2, h, 2h} with k scaled to keep h*k (experts read per token) constant.
+
+Built-in variants are functions of the config they apply to, so grid combinations compose in the order
+above (expert_size then re-splits expert_count's N). A variant impossible for a config (a part not
+divisible, h*k not divisible by h, fewer experts than k) is skipped with a note.
+
+Strategies: ``one_at_a_time`` trains the base config plus each variant alone (variants equal to the base
+are the baseline run), so runs grow with the sum of the axes' sizes; ``grid`` trains every combination.
+
+Layout of ``output_dir``: ``ablation.json`` (the plan and each run's status; ``--resume`` reads it),
+``base_config.yaml``, one folder per run (``config.yaml``, ``train.log``, ``metrics.jsonl``,
+``checkpoints/``), and ``results.csv`` / ``results.md``, rewritten after every finished run.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import math
+import os
+import queue
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llm.config import Config, ConfigError, dump_config, from_dict, load_config, save_config, to_dict, validate_config
+from llm.config.loader import flatten, read_yaml_mapping, set_dotted
+
+BUILTIN_AXES = ("data_mix", "expert_count", "expert_size", "product_dims", "num_heads")
+STRATEGIES = ("one_at_a_time", "grid")
+BASE = "(base)"  # coordinate of an axis none of whose variants equals the base config
+MANIFEST = "ablation.json"
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = REPO / "scripts" / "train.py"
+PEER = "model_config.peer_config."
+
+# A variant: config -> overrides, or a reason it does not apply to that config.
+VariantFn = Callable[[Config], "dict[str, Any] | str"]
+
+
+class AblationError(ValueError):
+    """A study that cannot be planned or resumed; the message is one line."""
+
+
+@dataclass
+class PlannedRun:
+    name: str  # folder under output_dir: "baseline" or axis=variant pairs joined by "+"
+    coords: dict[str, str]  # axis -> variant (BASE where the base config matches no variant)
+    overrides: dict[str, Any]  # dotted key -> value, over the base config
+    params_total: int = 0
+    params_active: int = 0  # per token
+    status: str = "pending"  # pending | running | completed | interrupted | failed
+    attempts: int = 0
+    returncode: int | None = None
+    error: str = ""  # tail of train.log after the last failed attempt
+    wall_s: float = 0.0  # seconds spent training, all attempts
+
+
+@dataclass
+class Study:
+    base_config: str
+    strategy: str
+    axes: dict[str, list[str]]  # axis -> variant names in plan order
+    base_variants: dict[str, str]  # axis -> the variant equal to the base config
+    tokens: int  # train_config.max_tokens of every run (0 = the base config's length)
+    notes: list[str] = field(default_factory=list)
+    runs: list[PlannedRun] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------
+# Axes
+# ----------------------------------------------------------------------------------------
+
+
+def balanced_factors(n: int, parts: int) -> list[int] | None:
+    """``parts`` factors >= 2 of ``n``, as equal as possible, largest first; None when there are none."""
+    if parts == 1:
+        return [n] if n >= 2 else None
+    target = n ** (1.0 / parts)
+    divisors = [d for d in range(2, int(math.isqrt(n)) + 1) if n % d == 0]
+    divisors = sorted(set(divisors + [n // d for d in divisors]), key=lambda d: (abs(d - target), -d))
+    for d in divisors:
+        rest = balanced_factors(n // d, parts - 1)
+        if rest is not None:
+            return sorted([d, *rest], reverse=True)
+    return None
+
+
+def _experts(n: int, parts: int, k: int) -> dict[str, Any] | str:
+    dims = balanced_factors(n, parts) if n >= k else None
+    if dims is None:
+        return f"{n} experts cannot be split into {parts} parts >= 2 holding k={k}"
+    return {PEER + "num_experts": n, PEER + "product_key_dim": dims}
+
+
+def _scale_parts(divisor: int) -> VariantFn:
+    def fn(cfg: Config) -> dict[str, Any] | str:
+        pc = cfg.model_config.peer_config
+        if any(d % divisor or d // divisor < 2 for d in pc.product_key_dim):
+            return f"product_key_dim {pc.product_key_dim} is not divisible into parts >= 2 by {divisor}"
+        dims = [d // divisor for d in pc.product_key_dim]
+        if math.prod(dims) < pc.num_experts_per_tok:
+            return f"{math.prod(dims)} experts < k={pc.num_experts_per_tok}"
+        return {PEER + "num_experts": math.prod(dims), PEER + "product_key_dim": dims}
+
+    return fn
+
+
+def _expert_size(m: int) -> VariantFn:
+    def fn(cfg: Config) -> dict[str, Any] | str:
+        pc = cfg.model_config.peer_config
+        total = pc.num_experts * pc.expert_hidden_size  # expert hidden units, kept constant
+        if total % m:
+            return f"{total} expert hidden units are not divisible by m={m}"
+        split = _experts(total // m, len(pc.product_key_dim), pc.num_experts_per_tok)
+        return split if isinstance(split, str) else {**split, PEER + "expert_hidden_size": m}
+
+    return fn
+
+
+def _product_dims(parts: int) -> VariantFn:
+    def fn(cfg: Config) -> dict[str, Any] | str:
+        pc = cfg.model_config.peer_config
+        split = _experts(pc.num_experts, parts, pc.num_experts_per_tok)
+        if isinstance(split, str):
+            return split
+        return {**split, PEER + "query_dim": -(-pc.query_dim // parts) * parts}
+
+    return fn
+
+
+def _num_heads(h: int) -> VariantFn:
+    def fn(cfg: Config) -> dict[str, Any] | str:
+        pc = cfg.model_config.peer_config
+        reads = pc.num_heads * pc.num_experts_per_tok
+        if reads % h or not 1 <= reads // h <= pc.num_experts:
+            return f"h*k={reads} does not give an integer k in [1, N] for h={h}"
+        return {PEER + "num_heads": h, PEER + "num_experts_per_tok": reads // h}
+
+    return fn
+
+
+def _data_mix(datasets_file: str, mix: str, base: Config) -> VariantFn:
+    extra = {"dataset_config.sources": []} if base.dataset_config.sources else {}
+    return lambda cfg: {"dataset_config.datasets_file": datasets_file, "dataset_config.mix": mix, **extra}
+
+
+def builtin_axes(base: Config, datasets_file: str | None = None) -> tuple[dict[str, dict[str, VariantFn]], list[str]]:
+    """The SPEC's axes derived from ``base`` (rules in the module docstring); (axes, notes on skipped variants)."""
+    pc, notes = base.model_config.peer_config, []
+    axes: dict[str, dict[str, VariantFn]] = {"data_mix": {}, "expert_count": {}, "expert_size": {}}
+    axes.update(product_dims={}, num_heads={})
+    for divisor in (4, 2, 1):
+        axes["expert_count"][f"N{math.prod(d // divisor for d in pc.product_key_dim)}"] = _scale_parts(divisor)
+    for m in (1, 4, 16):
+        axes["expert_size"][f"m{m}"] = _expert_size(m)
+    for parts in (2, 3, 4):
+        axes["product_dims"][f"P{parts}"] = _product_dims(parts)
+    for h in sorted({max(1, pc.num_heads // 2), pc.num_heads, 2 * pc.num_heads}):
+        axes["num_heads"][f"h{h}"] = _num_heads(h)
+    file = datasets_file or base.dataset_config.datasets_file
+    if datasets_file and not Path(datasets_file).is_file():
+        raise AblationError(f"--custom-datasets: {datasets_file!r} does not exist")
+    if datasets_file and Path(datasets_file).resolve() == Path(base.dataset_config.datasets_file).resolve():
+        file = base.dataset_config.datasets_file  # the same file: keep the base's spelling, so it matches
+    mixes = read_yaml_mapping(file).get("mixes") if Path(file).is_file() else None
+    if not isinstance(mixes, dict) or not mixes:
+        if datasets_file:
+            raise AblationError(f"--custom-datasets: {datasets_file} has no top-level 'mixes' mapping")
+        notes.append(f"data_mix: {file} holds no mixes; axis empty")
+    for mix in mixes or {}:
+        problem = data_problem(file, mix)
+        if problem:
+            notes.append(f"data_mix: skipped mix {mix!r}: {problem}")
+        else:
+            axes["data_mix"][str(mix)] = _data_mix(file, str(mix), base)
+    return axes, notes
+
+
+def data_problem(datasets_file: str, mix: str) -> str | None:
+    """Why mix ``mix`` of ``datasets_file`` cannot train here (unparsable, local files missing), or None."""
+    from llm.data.sources import load_mix  # the data package is heavy; only planning needs it
+
+    try:
+        sources = load_mix(datasets_file, mix)
+    except ConfigError as exc:
+        return str(exc)
+    import glob
+
+    for src in sources:
+        for pattern in (src.path, src.validation_split) if src.type == "local" else ():
+            if pattern and not glob.glob(pattern, recursive=True):
+                return f"source {src.name!r}: {pattern!r} matches no file"
+    return None
+
+
+def study_axes(
+    base: Config, datasets_file: str | None, names: Sequence[str] | None
+) -> tuple[dict[str, dict[str, VariantFn]], list[str]]:
+    """Built-in axes with the config's axes over them (one of the same name replaces), restricted to ``names``."""
+    axes, notes = builtin_axes(base, datasets_file)
+    for axis, variants in base.ablation_config.axes.items():
+        if axis == "data_mix" and datasets_file:
+            continue  # --custom-datasets on the command line beats the config's data_mix axis
+        axes[axis] = {str(v): (lambda cfg, ov=ov: copy.deepcopy(ov)) for v, ov in variants.items()}
+    if names:
+        unknown = [n for n in names if n not in axes]
+        if unknown:
+            raise AblationError(f"--axes: unknown axis {unknown[0]!r}; allowed: {', '.join(axes)}")
+        axes = {a: v for a, v in axes.items() if a in names}
+    empty = [a for a, v in axes.items() if not v]
+    if names and empty:
+        raise AblationError(f"--axes: axis {empty[0]!r} has no usable variant for this base config")
+    return {a: v for a, v in axes.items() if v}, [n for n in notes if n.split(":")[0] in axes]
+
+
+# ----------------------------------------------------------------------------------------
+# Planning
+# ----------------------------------------------------------------------------------------
+
+
+def with_overrides(config: Config, overrides: dict[str, Any], validate: bool = True) -> Config:
+    tree = to_dict(config)
+    for key, value in overrides.items():
+        set_dotted(tree, key, copy.deepcopy(value))
+    result = from_dict(Config, tree)
+    if validate:
+        validate_config(result)
+    return result
+
+
+def plan_study(
+    base: Config,
+    base_path: str,
+    output_dir: str | Path,
+    axes: Sequence[str] | None = None,
+    strategy: str | None = None,
+    tokens: int | None = None,
+    datasets_file: str | None = None,
+) -> tuple[Study, dict[str, Config]]:
+    """The runs of a study and their resolved configs, every one validated; a bad one raises naming the run."""
+    strategy = strategy or base.ablation_config.strategy
+    if strategy not in STRATEGIES:
+        raise AblationError(f"--strategy: got {strategy!r}; allowed: {' | '.join(STRATEGIES)}")
+    tokens = base.ablation_config.tokens_per_run if tokens is None else tokens
+    if tokens < 0:
+        raise AblationError(f"--tokens: got {tokens}; must be >= 0 (0 = the base config's length)")
+    chosen, notes = study_axes(base, datasets_file, axes)
+    if not chosen:
+        raise AblationError("no axis to ablate: the base config declares none and no built-in axis applies")
+    base_variants: dict[str, str] = {}
+    variant_names: dict[str, list[str]] = {}
+    for axis, variants in chosen.items():
+        variant_names[axis] = []
+        for variant, fn in variants.items():
+            ov = fn(base)
+            if isinstance(ov, str):
+                notes.append(f"{axis}={variant} skipped: {ov}")
+                continue
+            variant_names[axis].append(variant)
+            if axis not in base_variants and to_dict(with_overrides(base, ov, validate=False)) == to_dict(base):
+                base_variants[axis] = variant
+    entries = _combine(base, chosen, variant_names, base_variants, strategy, notes)
+    study = Study(base_path, strategy, variant_names, base_variants, tokens, notes)
+    configs: dict[str, Config] = {}
+    seen: dict[str, str] = {}
+    for name, coords, overrides in entries:
+        run_dir = Path(output_dir) / name
+        try:
+            config = with_overrides(base, overrides)
+            config = with_overrides(config, run_settings(config, run_dir, coords, tokens))
+        except ConfigError as exc:
+            raise AblationError(f"run {name}: {exc}") from None
+        dc = config.dataset_config
+        problem = None if dc.sources or dc.pretokenized_dir else data_problem(dc.datasets_file, dc.mix)
+        if problem:
+            raise AblationError(f"run {name}: {problem}")
+        key = dump_config(with_overrides(base, overrides, validate=False))  # the science, not the bookkeeping
+        if key in seen:
+            notes.append(f"{name} equals {seen[key]}; trained once")
+            continue
+        seen[key] = name
+        from llm.utils.eval.size import count_parameters
+
+        report = count_parameters(config.model_config)
+        study.runs.append(PlannedRun(name, coords, overrides, report.total, report.active))
+        configs[name] = config
+    return study, configs
+
+
+def _combine(base, chosen, variant_names, base_variants, strategy, notes) -> list[tuple[str, dict, dict]]:
+    """(run name, coordinates, overrides) per run of ``strategy``."""
+    home = {axis: base_variants.get(axis, BASE) for axis in chosen}
+    if strategy == "one_at_a_time":
+        entries = [("baseline", dict(home), {})]
+        for axis, names in variant_names.items():
+            for variant in names:
+                if variant != base_variants.get(axis):
+                    entries.append((f"{axis}={_slug(variant)}", {**home, axis: variant}, chosen[axis][variant](base)))
+        return entries
+    entries = []
+    for combo in itertools.product(*variant_names.values()):
+        coords = dict(zip(variant_names, combo, strict=True))
+        config, overrides = base, {}
+        for axis, variant in coords.items():
+            ov = chosen[axis][variant](config)  # built-in variants read what earlier axes set
+            if isinstance(ov, str):
+                notes.append(f"grid point {coords} skipped: {axis}={variant}: {ov}")
+                break
+            overrides.update(ov)
+            config = with_overrides(config, ov, validate=False)
+        else:
+            before, after = flatten(to_dict(base)), flatten(to_dict(config))
+            overrides = {k: v for k, v in overrides.items() if before.get(k) != after.get(k)}  # drop no-ops
+            entries.append(("+".join(f"{a}={_slug(v)}" for a, v in coords.items()), coords, overrides))
+    return entries
+
+
+def run_settings(config: Config, run_dir: Path, coords: dict[str, str], tokens: int) -> dict[str, Any]:
+    """Bookkeeping overrides of one run: its folder, length, W&B name and tags."""
+    wc = config.wandb_config
+    settings: dict[str, Any] = {"train_config.output_dir": str(run_dir)}
+    if tokens > 0:
+        settings["train_config.max_tokens"] = tokens
+    if coords:
+        settings["wandb_config.run_name"] = f"{run_dir.parent.name}/{run_dir.name}"
+        extra = ["ablation", *(f"{a}={v}" for a, v in coords.items())]
+        settings["wandb_config.tags"] = list(dict.fromkeys([*wc.tags, *extra]))
+    return settings
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
+
+
+# ----------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------
+
+
+def save_study(study: Study, study_dir: Path) -> None:
+    tmp = study_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(asdict(study), indent=1), encoding="utf-8")
+    tmp.replace(study_dir / MANIFEST)
+
+
+def load_study(study_dir: Path) -> Study:
+    path = study_dir / MANIFEST
+    if not path.is_file():
+        raise AblationError(
+            f"--resume: no study in {str(study_dir)!r} ({MANIFEST} missing); start one without --resume"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        runs = [PlannedRun(**r) for r in raw.pop("runs")]
+        return Study(**raw, runs=runs)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise AblationError(f"{path}: not a study manifest ({exc})") from None
+
+
+# ----------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """Summary of ``metrics.jsonl``: final held-out loss, train loss (mean of the last 5 logs), speed."""
+    records = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line from a killed run
+    train = [r for r in records if isinstance(r.get("loss"), (int, float))]
+    val = [r for r in records if "val_loss" in r]
+    speeds = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
+    return {
+        "val_loss": val[-1].get("val_loss") if val else None,
+        "val_perplexity": val[-1].get("val_perplexity") if val else None,
+        "val_step": val[-1].get("step") if val else None,
+        "train_loss": statistics.fmean(r["loss"] for r in train[-5:]) if train else None,
+        "steps": max((r.get("step", 0) for r in records), default=0),
+        "tokens": max((r.get("tokens", 0) for r in train), default=0),
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+    }
+
+
+def run_finished(run_dir: Path) -> bool:
+    """The trainer reached its last step and evaluated there (an interrupted run has no such record)."""
+    try:
+        total = json.loads((run_dir / "run_info.json").read_text(encoding="utf-8"))["total_steps"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return read_metrics(run_dir)["val_step"] == total
+
+
+def _devices(gpus: int) -> list[str]:
+    if gpus < 1:
+        raise AblationError(f"--gpus: got {gpus}; must be >= 1")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
+    if len(devices) < gpus:
+        raise AblationError(f"--gpus: got {gpus}; CUDA_VISIBLE_DEVICES={visible!r} lists only {len(devices)}")
+    return devices[:gpus]
+
+
+class Runner:
+    """Trains the unfinished runs of a study, one per device at a time (CUDA_VISIBLE_DEVICES=device)."""
+
+    def __init__(self, study: Study, study_dir: Path, devices: list[str], say: Callable[[str], None] = print) -> None:
+        self.study, self.dir, self.say = study, study_dir, say
+        self.devices: queue.Queue[str] = queue.Queue()
+        for device in devices:
+            self.devices.put(device)
+        self.gpus = len(devices)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.procs: set[subprocess.Popen] = set()
+
+    def run(self) -> None:
+        todo = [r for r in self.study.runs if not (r.status == "completed" and run_finished(self.dir / r.name))]
+        self.say(f"{len(self.study.runs) - len(todo)} of {len(self.study.runs)} runs already finished")
+        handlers = self._install_signals()
+        try:
+            with ThreadPoolExecutor(self.gpus) as pool:
+                futures = [pool.submit(self._train, run) for run in todo]
+                while not all(f.done() for f in futures):
+                    wait_futures(futures, timeout=0.5)  # short waits keep the main thread free for signals
+                for f in futures:
+                    f.result()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _install_signals(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handle(signum: int, frame: Any) -> None:
+            self.say(f"received {signal.Signals(signum).name}: asking running runs to checkpoint; none start")
+            self.stop.set()
+            with self.lock:
+                for proc in self.procs:
+                    proc.send_signal(signal.SIGTERM)  # the trainer finishes its step and checkpoints
+
+        return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _train(self, run: PlannedRun) -> None:
+        if self.stop.is_set():
+            return
+        device = self.devices.get()
+        try:
+            if not self.stop.is_set():
+                self._attempt(run, device)
+        finally:
+            self.devices.put(device)
+
+    def _attempt(self, run: PlannedRun, device: str) -> None:
+        run_dir = self.dir / run.name
+        cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(run_dir / "config.yaml")]
+        if (run_dir / "checkpoints").is_dir():
+            cmd.append("--resume")  # continues from the latest complete checkpoint (none: from step 0)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+        with self.lock:
+            run.status, run.attempts = "running", run.attempts + 1
+            save_study(self.study, self.dir)
+        self.say(
+            f"start {run.name} (attempt {run.attempts}, device {device}){' from checkpoint' * ('--resume' in cmd)}"
+        )
+        log_path = run_dir / "train.log"
+        with open(log_path, "a", encoding="utf-8") as log:
+            log.write(f"=== attempt {run.attempts}: CUDA_VISIBLE_DEVICES={device} {' '.join(cmd)}\n")
+            log.flush()
+            start = log.tell()
+            began = time.monotonic()
+            # Own session: a terminal Ctrl-C reaches the runner alone, which forwards one SIGTERM.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            with self.lock:
+                self.procs.add(proc)
+            rc = proc.wait()
+        with self.lock:
+            self.procs.discard(proc)
+            run.wall_s += time.monotonic() - began
+            run.returncode = rc
+            if rc == 0 and run_finished(run_dir):
+                run.status, run.error = "completed", ""
+            elif rc == 0:
+                run.status, run.error = "interrupted", ""
+            else:
+                run.status, run.error = "failed", _tail(log_path, start)
+            save_study(self.study, self.dir)
+            rows, _ = write_summary(self.study, self.dir)
+        result = next((r for r in rows if r["run"] == run.name), {})
+        loss = result.get("val_loss") if result.get("val_loss") is not None else result.get("train_loss")
+        detail = f"loss {loss:.4f}" if isinstance(loss, float) else f"exit {rc}"
+        self.say(f"{run.status} {run.name} in {run.wall_s:.0f} s: {detail}")
+
+
+def _tail(path: Path, start: int, lines: int = 15) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(start)
+        return "\n".join(f.read().splitlines()[-lines:])
+
+
+# ----------------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------------
+
+
+def summary_rows(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """One row per run, ranked (finished first, by the ranking metric); (rows, metric name).
+
+    The metric is the final held-out loss when every finished run has one, else the final train loss
+    (hub mixes without a validation split log no held-out loss).
+    """
+    rows = []
+    for run in study.runs:
+        m = read_metrics(study_dir / run.name)
+        rows.append({"run": run.name, "status": run.status, **run.coords, **m, "params_total": run.params_total,
+                     "params_active": run.params_active, "wall_s": round(run.wall_s, 1), "error": run.error})  # fmt: skip
+    done = [r for r in rows if r["status"] == "completed"]
+    metric = "val_loss" if done and all(r["val_loss"] is not None for r in done) else "train_loss"
+    ranked = sorted(done, key=lambda r: (r[metric] is None, r[metric] if r[metric] is not None else 0.0))
+    for i, row in enumerate(ranked):
+        row["rank"] = i + 1
+    return ranked + [r for r in rows if r["status"] != "completed"], metric
+
+
+def write_summary(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], str]:
+    """``results.csv`` and ``results.md`` (ranking, best config, per-axis comparison, failures); (rows, metric)."""
+    rows, metric = summary_rows(study, study_dir)
+    columns = ["rank", "run", "status", *study.axes, "val_loss", "val_perplexity", "train_loss", "steps", "tokens",
+               "tokens_per_s", "params_total", "params_active", "wall_s", "error"]  # fmt: skip
+    with open(study_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (study_dir / "results.md").write_text(render_markdown(study, rows, metric), encoding="utf-8")
+    return rows, metric
+
+
+def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> str:
+    done = [r for r in rows if r.get("rank")]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted", "pending")}
+    label = "held-out loss" if metric == "val_loss" else "final train loss (no held-out loss logged)"
+    out = [f"# Ablation results ({study.strategy}, base {study.base_config})", ""]
+    out.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(rows)} runs; ranked by {label}.")
+    if study.tokens:
+        out.append(f"Every run trains {_si(study.tokens)} tokens.")
+    if done:
+        best = done[0]
+        changed = {k: v for r in study.runs if r.name == best["run"] for k, v in r.overrides.items()}
+        out += [
+            "",
+            f"**Best: {best['run']}**, {metric} {_num(best[metric])}; overrides: {changed or 'none (base config)'}",
+        ]
+    out += ["", "## Ranking", "", ranking_table(rows, metric)]
+    out += ["", "## Per-axis comparison", ""]
+    if study.strategy == "one_at_a_time":
+        out.append("Each axis: its variants with every other axis at the base config.")
+    else:
+        out.append("Each axis: mean and best over the grid points holding each variant.")
+    for axis, variants in study.axes.items():
+        out += ["", f"### {axis}", "", "| variant | runs | mean | best | best run |", "|---|---|---|---|---|"]
+        home = study.base_variants.get(axis, BASE)
+        for variant in dict.fromkeys([home, *variants]):
+            group = [r for r in done if r.get(axis) == variant and r[metric] is not None]
+            if study.strategy == "one_at_a_time":  # only the runs that vary this axis alone
+                group = [
+                    r
+                    for r in group
+                    if all(r.get(a) == study.base_variants.get(a, BASE) for a in study.axes if a != axis)
+                ]
+            if not group:
+                out.append(f"| {variant} | 0 | - | - | - |")
+                continue
+            best = min(group, key=lambda r: r[metric])
+            mean = statistics.fmean(r[metric] for r in group)
+            out.append(
+                f"| {variant}{' (base)' * (variant == home)} | {len(group)} | {_num(mean)} | {_num(best[metric])} | {best['run']} |"
+            )
+    if "data_mix" in study.axes:
+        out += ["", "Note: each data_mix run's held-out loss is measured on its own mix's validation data, so the"
+                " losses of different mixes are not directly comparable; evaluate every checkpoint on one common"
+                " set (scripts/run_evaluation.py) before choosing a mix."]  # fmt: skip
+    unfinished = [r for r in rows if r["status"] != "completed"]
+    if unfinished:
+        out += ["", "## Not finished", ""]
+        for r in unfinished:
+            out.append(
+                f"- **{r['run']}**: {r['status']}" + (f", exit code {_rc(study, r)}" if r["status"] == "failed" else "")
+            )
+            if r["error"]:
+                out += ["", "  ```", *("  " + line for line in r["error"].splitlines()), "  ```"]
+    if study.notes:
+        out += ["", "## Planning notes", "", *(f"- {n}" for n in study.notes)]
+    return "\n".join(out) + "\n"
+
+
+def ranking_table(rows: list[dict[str, Any]], metric: str) -> str:
+    lines = ["| rank | run | val loss | val ppl | train loss | tokens | tokens/s | params (total / active) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        rank = r.get("rank") or r["status"]
+        lines.append(f"| {rank} | {r['run']} | {_num(r['val_loss'])} | {_num(r['val_perplexity'], 2)} | "
+                     f"{_num(r['train_loss'])} | {_si(r['tokens'])} | {_si(r['tokens_per_s'])} | "
+                     f"{_si(r['params_total'])} / {_si(r['params_active'])} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _rc(study: Study, row: dict[str, Any]) -> Any:
+    return next(r.returncode for r in study.runs if r.name == row["run"])
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
+
+
+def _si(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------
+
+
+def ablate(
+    base_config: str | None = None,
+    overrides: Sequence[str] = (),
+    output_dir: str = "ablation_results",
+    axes: Sequence[str] | None = None,
+    strategy: str | None = None,
+    tokens: int | None = None,
+    gpus: int = 1,
+    resume: bool = False,
+    datasets_file: str | None = None,
+    dry_run: bool = False,
+    say: Callable[[str], None] = print,
+) -> int:
+    """Plan (or reload with ``resume``), train and rank a study; 0 when every run finished, else 1.
+
+    Bad input raises ``AblationError``/``ConfigError`` (``ValueError``s) before any run starts.
+    """
+    study_dir = Path(output_dir)
+    devices = _devices(gpus)  # checked before anything is written
+    if resume:
+        given = {"--base-config": base_config, "--set": list(overrides) or None, "--axes": axes,
+                 "--strategy": strategy, "--tokens": tokens, "--custom-datasets": datasets_file}  # fmt: skip
+        extra = [flag for flag, value in given.items() if value is not None]
+        if extra:
+            raise AblationError(f"--resume reloads the plan from {study_dir / MANIFEST}; drop {', '.join(extra)}")
+        study = load_study(study_dir)
+        for run in study.runs:  # every run's resolved config was saved when the study was planned
+            load_config(study_dir / run.name / "config.yaml")
+    else:
+        if (study_dir / MANIFEST).is_file():
+            raise AblationError(f"--output-dir: {str(study_dir)!r} already holds a study; add --resume or pick another")
+        path = base_config or "configs/config.yaml"
+        base = load_config(path, overrides)
+        study, configs = plan_study(base, path, study_dir, axes, strategy, tokens, datasets_file)
+    say(f"study {study_dir}: {len(study.runs)} runs ({study.strategy} over {', '.join(study.axes)})")
+    for note in study.notes:
+        say(f"  note: {note}")
+    for run in study.runs:
+        say(
+            f"  {run.name}: {run.overrides or 'base config'} ({_si(run.params_total)} params, {_si(run.params_active)} active)"
+        )
+    if dry_run:
+        return 0
+    if not resume:
+        study_dir.mkdir(parents=True, exist_ok=True)
+        save_config(base, study_dir / "base_config.yaml")
+        for name, config in configs.items():
+            save_config(config, study_dir / name / "config.yaml")
+        save_study(study, study_dir)
+    Runner(study, study_dir, devices, say).run()
+    rows, metric = write_summary(study, study_dir)
+    say(f"Ranking by {'held-out' if metric == 'val_loss' else 'final train'} loss (lower is better):")
+    say(ranking_table(rows, metric))
+    say(f"results: {study_dir / 'results.md'}")
+    return 0 if all(r.status == "completed" for r in study.runs) else 1
