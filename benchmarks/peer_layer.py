@@ -130,11 +130,14 @@ def sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T):
         )
     )
     _, _, cu, cv, _ = tpk.peer_backward_tokens(dout, x, idx, s, u, v, None, pre, None, "gelu")
-    perm, seg, rws = tpk.sort_rows(idx, 1, N, False)
+    perm, seg, rws, count = tpk.sort_rows(idx, 1, N, False)
+    R = int(count.item())
     for block_s in (1, 2, 4, 8):
         for warps in (2, 4, 8):
             tpk.ROW_BLOCK_S, tpk.ROW_NUM_WARPS = block_s, warps
-            ms = bench(lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, seg, rws, (u, v, None), True))
+            ms = bench(
+                lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, seg, rws, count, (u, v, None), True, R)
+            )
             rows.append(Row(size, "sweep bwd pass B (sparse)", f"S{block_s}/w{warps}", ms))
     best = min((r for r in rows if r.what.startswith("sweep bwd") and r.size == size), key=lambda r: r.ms).impl
     tpk.ROW_BLOCK_S, tpk.ROW_NUM_WARPS = (int(v) for v in best.replace("S", "").replace("w", "").split("/"))
@@ -247,7 +250,8 @@ def run_optimizer(rows, size):
 
     D, N, H, K, T = SIZES[size]
     idx = torch.randint(0, N, (T, H, K), device="cuda")
-    _, _, experts = sort_rows(idx, 1, N, False)
+    _, _, rws, count = sort_rows(idx, 1, N, False)
+    experts = rws[: int(count.item())]
     frac = experts.numel() / N
     note = f"{frac:.1%} rows touched"
     for label, pdtype, sdtype in (("fp32 params, fp32 moments", torch.float32, None),

@@ -1,10 +1,11 @@
 """Routing on the GPU: top-k and merge kernels vs torch, launch sweep, and a profile of the PEER layer.
 
-    python benchmarks/routing_topk.py [--profile-out FILE]
+    python benchmarks/routing_topk.py [--profile-out FILE] [--no-sweep]
 
 Rows are (token, head) pairs at the paper's size (T=4096, H=8): 32768 rows of 1024 sub-key scores, k=16,
 and the 32768 x (16 x 16) merge. Times are CUDA-event medians (triton.testing.do_bench). The profile is
 a torch.profiler table (CUDA time per op) of one PEER layer forward+backward at the paper's size.
+Also: the routing backward against a float64 reference, and a host-sync check of the layer's fwd+bwd.
 """
 
 from __future__ import annotations
@@ -52,6 +53,64 @@ def merge_bench() -> None:
     print(f"merge R={R} 16x16 -> {k}: kernel {ms_k:.3f} ms, torch reference {ms_r:.3f} ms, exact={exact}")
 
 
+def check_routing_backward() -> None:
+    """Paper size: the Triton routing backward vs embedding_bag / index_add in float64 (relative RMS)."""
+    import torch.nn.functional as F
+
+    from llm.models.product_keys import retrieve_topk, unravel_ids
+
+    T, H, n, q, K = 4096, 8, 1024, 64, 16
+    q_THQ = torch.randn(T, H, 2 * q, device="cuda", requires_grad=True)
+    keys = [(torch.randn(n, q, device="cuda") / q**0.5).requires_grad_() for _ in range(2)]
+    scores, ids = retrieve_topk(q_THQ, keys, K)
+    w = torch.randn_like(scores)
+    got = torch.autograd.grad((scores * w).sum(), [q_THQ, *keys])
+    coords = unravel_ids(ids, [n, n])
+    w64 = w.double().reshape(T * H, K)
+    dq = [
+        F.embedding_bag(c.reshape(T * H, K), kk.double(), per_sample_weights=w64, mode="sum")
+        for c, kk in zip(coords, keys, strict=True)
+    ]
+    q64 = q_THQ.detach().double().reshape(T * H, 2 * q)
+    dk = [
+        torch.zeros(n, q, device="cuda", dtype=torch.float64).index_add_(
+            0, c.reshape(-1), (w64.unsqueeze(-1) * q64[:, p * q : (p + 1) * q].unsqueeze(1)).reshape(-1, q)
+        )
+        for p, c in enumerate(coords)
+    ]
+    want = [torch.cat(dq, -1).view(T, H, 2 * q), *dk]
+    for name, a, b in zip(["dq", "dkeys0", "dkeys1"], got, want, strict=True):
+        err = ((a.double() - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+        print(f"routing backward {name}: rel RMS vs float64 reference {err:.2e}")
+
+
+def sync_check() -> None:
+    """One PEER layer fwd+bwd (dense table grads) under torch.cuda.set_sync_debug_mode('error')."""
+    from llm.config.defaults import PEERConfig
+    from llm.models.experts import PEER
+
+    D, T = 1024, 4096
+    for opt in ("adamw", "sparse_adam"):
+        cfg = PEERConfig(num_experts=1024**2, product_key_dim=[1024, 1024], num_experts_per_tok=16, num_heads=8,
+                         query_dim=128, kernel="triton", table_optimizer=opt)  # fmt: skip
+        with torch.device("cuda"):
+            layer = PEER(D, cfg).to(torch.bfloat16)
+        x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        params = [x, *layer.parameters()]
+        torch.autograd.grad(layer(x), params, torch.ones(T, D, device="cuda", dtype=torch.bfloat16))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            torch.autograd.grad(layer(x), params, torch.ones(T, D, device="cuda", dtype=torch.bfloat16))
+            print(f"sync check, table_optimizer={opt}: no synchronizing CUDA call in fwd+bwd")
+        except RuntimeError as exc:
+            print(f"sync check, table_optimizer={opt}: SYNC: {str(exc).splitlines()[0]}")
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        del layer, params
+        torch.cuda.empty_cache()
+
+
 def profile_layer(out: str) -> None:
     from llm.config.defaults import PEERConfig
     from llm.models.experts import PEER
@@ -82,11 +141,15 @@ def profile_layer(out: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile-out", default="", help="write a profiler table of the layer fwd+bwd here")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the top-k / merge timings")
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
-    topk_sweep(32768, 1024, 16)
-    topk_sweep(32768, 256, 16)
-    merge_bench()
+    if not args.no_sweep:
+        topk_sweep(32768, 1024, 16)
+        topk_sweep(32768, 256, 16)
+        merge_bench()
+    check_routing_backward()
+    sync_check()
     if args.profile_out:
         profile_layer(args.profile_out)
 

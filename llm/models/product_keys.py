@@ -28,7 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llm.ops.peer_reference import autocast_off
-from llm.ops.triton_peer_routing import MAX_FLAT_ID, merge_topk
+from llm.ops.triton_peer_routing import (
+    MAX_FLAT_ID,
+    merge_topk,
+    segment_rows_triton,
+    weighted_gather_triton,
+)
 from llm.ops.triton_topk import kernel_applies, topk, topk_positions
 
 
@@ -144,7 +149,9 @@ class _ProductKeyRetrieval(torch.autograd.Function):
     dense gradient of that size back through the score einsums. The selected score is
     ``sum_p q_p . key_p[c_p]``, so only the K selected sub-keys per part and row carry gradient:
     ``dq_p = sum_k dscore_k key_p[c_pk]`` is an ``embedding_bag`` with per-sample weights, and
-    ``dkey_p`` is that embedding_bag's table gradient for the output gradient q_p.
+    ``dkey_p`` is that embedding_bag's table gradient for the output gradient q_p. Where the top-k
+    kernels run (CUDA, fp32) both are Triton kernels instead (``weighted_gather_triton``,
+    ``segment_rows_triton``: sorted segments, no atomics, no host sync); elsewhere embedding_bag.
     """
 
     @staticmethod
@@ -163,6 +170,9 @@ class _ProductKeyRetrieval(torch.autograd.Function):
         T, H, K = ids_THK.shape
         q = sub_keys[0].shape[-1]
         coords = unravel_ids(ids_THK, [keys.shape[-2] for keys in sub_keys])
+        use_kernels = kernel_applies(q_THQ) and all(t.dtype == torch.float32 for t in (q_THQ, *sub_keys))
+        q_RQ = q_THQ.detach().reshape(T * H, -1)  # (T*H, P*q)
+        dq_RQ = torch.empty_like(q_RQ) if use_kernels and ctx.needs_input_grad[1] else None
         dq_parts, dkeys = [], []
         with autocast_off(q_THQ.device.type):
             for p, (keys, c_THK) in enumerate(zip(sub_keys, coords, strict=True)):
@@ -171,8 +181,17 @@ class _ProductKeyRetrieval(torch.autograd.Function):
                     c_THK = c_THK + torch.arange(H, device=c_THK.device).unsqueeze(-1) * n_p
                 idx = c_THK.reshape(T * H, K)
                 w = dscores_THK.reshape(T * H, K).to(keys.dtype).contiguous()
-                q_p = q_THQ[..., p * q : (p + 1) * q].reshape(T * H, q)
+                q_p = q_RQ[:, p * q : (p + 1) * q]
                 table = keys.detach().reshape(-1, q)
+                if use_kernels:  # Triton, no host sync (embedding_bag's backward reads a count back)
+                    if dq_RQ is not None:
+                        weighted_gather_triton(idx, w, table, dq_RQ[:, p * q : (p + 1) * q])
+                    dkeys.append(
+                        segment_rows_triton(idx, w, q_p, table.shape[0]).view_as(keys)
+                        if ctx.needs_input_grad[2 + p]
+                        else None
+                    )
+                    continue
                 if ctx.needs_input_grad[2 + p]:
                     with torch.enable_grad():
                         leaf = table.requires_grad_()
@@ -184,7 +203,12 @@ class _ProductKeyRetrieval(torch.autograd.Function):
                     dkeys.append(None)
                     dq_p = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
                 dq_parts.append(dq_p)
-        dq = torch.cat(dq_parts, dim=-1).view(T, H, -1) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[1]:
+            dq = None
+        elif use_kernels:
+            dq = dq_RQ.view(T, H, -1)
+        else:
+            dq = torch.cat(dq_parts, dim=-1).view(T, H, -1)
         return None, dq, *dkeys
 
 

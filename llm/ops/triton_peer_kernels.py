@@ -26,8 +26,11 @@ holding only the touched experts' rows (what ``llm/ops/row_sparse_adam.py`` cons
 grads is a full write of each table, the largest piece of the dense-grad backward at N = 1024^2 (1.27 of
 2.80 ms on an H200, benchmarks/RESULTS.md).
 With no atomics every sum has a fixed order; ``deterministic=True`` also asks torch.sort to be stable, so
-the order within a row (and the bits of its gradient) does not depend on the sort implementation. The
-backward has one host sync (the number of touched rows sizes pass B's grid and the sparse gradients).
+the order within a row (and the bits of its gradient) does not depend on the sort implementation.
+No host sync: segments are found on the device and pass B's grid is the upper bound T*E (programs past
+the real count R exit). Sparse gradients need R on the host to size their buffers: it is copied
+asynchronously right after the sort and read only after pass A is queued, so the GPU keeps working
+through the wait (torch's sync debug mode reports no synchronizing call).
 """
 
 from __future__ import annotations
@@ -201,8 +204,9 @@ def _peer_bwd_row_kernel(
     x_ptr,  # (T, D)
     dout_ptr,  # (T, D)
     perm_ptr,  # (T*E,) int64 sub-entry ids sorted by table row
-    seg_start_ptr,  # (R + 1,) int64 segment boundaries into perm
-    rows_ptr,  # (R,) int64 table row of each segment (destination of dense grads)
+    seg_start_ptr,  # (>= R + 1,) int64 segment boundaries into perm (entries past R: all T*E)
+    rows_ptr,  # (>= R,) int64 table row of each segment (destination of dense grads)
+    count_ptr,  # (1,) int64 R, the number of segments (programs past it write nothing)
     cu_ptr,  # (T*E,) fp32, in sorted order
     cv_ptr,  # (T*E,) fp32, in sorted order
     cg_ptr,  # (T*E,) fp32, in sorted order, or dummy
@@ -218,7 +222,9 @@ def _peer_bwd_row_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
+    # The grid may be an upper bound on R (no host read of R): programs past it store nothing, and
+    # their segments are empty (start = end = T*E), so they only load two boundaries.
+    mask_d = offs_d < tl.where(r < tl.load(count_ptr), D, 0)
     start = tl.load(seg_start_ptr + r)
     end = tl.load(seg_start_ptr + r + 1)
     du = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -317,36 +323,79 @@ def peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, activatio
 
 
 def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bool):
-    """Group sub-entries by table row.
+    """Group sub-entries by table row, with no host sync.
 
-    indices (T, H, K) -> perm (T*E,) sub-entry ids ordered by row, seg_start (R + 1,) int64 boundaries,
-    rows (R,) int64 the distinct touched rows of the (N*M, D) view, ascending. One host sync (R).
+    indices (T, H, K) -> perm (T*E,) sub-entry ids ordered by row; seg_start (T*E + 1,) int64, entry r
+    the start of segment r for r < R, T*E beyond; rows (T*E + 1,) int64, entry r < R the r-th distinct
+    touched row of the (N*M, D) view, ascending (entries past R undefined); count (1,) int64 R on the
+    device. R stays on the device so the caller can size pass B by the upper bound T*E, or read R
+    later (``RowCount``) without draining the GPU.
     """
-    rows = indices.reshape(-1, 1) * M + torch.arange(M, device=indices.device)  # (T*H*K, M)
+    dev = indices.device
+    rows = indices.reshape(-1, 1) * M + torch.arange(M, device=dev)  # (T*H*K, M)
     rows = rows.reshape(-1)  # (T*E,) row of each sub-entry, sub-entry id = position
+    n = rows.numel()
     # int32 keys halve the radix sort's passes when the table fits.
     keys = rows.to(torch.int32) if num_experts * M < 2**31 else rows
     # Radix sort on CUDA is stable anyway; `stable=True` makes the within-row order (and so the fp32
     # summation order) a documented guarantee rather than an implementation detail.
     sorted_rows, perm = torch.sort(keys, stable=deterministic)
-    uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    seg_start = torch.zeros(uniq.numel() + 1, device=indices.device, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=seg_start[1:])
-    return perm, seg_start, uniq.to(torch.int64)
+    is_start = torch.ones(n, device=dev, dtype=torch.bool)
+    torch.ne(sorted_rows[1:], sorted_rows[:-1], out=is_start[1:])
+    seg_id = torch.cumsum(is_start, 0) - 1  # (T*E,) segment of each sorted entry
+    count = seg_id[-1:] + 1 if n else torch.zeros(1, device=dev, dtype=torch.int64)
+    # Segment starts scattered to their segment ids; non-starts all write the value n into the spare
+    # slot n (equal values, so the duplicates are harmless), which is also the end of the last segment.
+    dest = torch.where(is_start, seg_id, n)
+    pos = torch.arange(n, device=dev)
+    seg_start = torch.full((n + 1,), n, device=dev, dtype=torch.int64)
+    seg_start.scatter_(0, dest, torch.where(is_start, pos, n))
+    seg_rows = torch.empty(n + 1, device=dev, dtype=torch.int64)
+    seg_rows.scatter_(0, dest, sorted_rows.to(torch.int64))  # slot n: some row, never read
+    return perm, seg_start, seg_rows, count
 
 
-def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, tables, sparse_grad):
+class RowCount:
+    """R read back to the host without stalling the GPU: an async copy started right after the sort.
+
+    The host waits on the copy only when pass B needs R (sparse gradients size their buffers by it), by
+    which time pass A is queued behind the sort, so the GPU keeps working through the wait.
+    """
+
+    def __init__(self, count: torch.Tensor) -> None:
+        self.event = None
+        if count.is_cuda:
+            self.host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            self.host.copy_(count, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = count
+
+    def get(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.host[0])
+
+
+def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables, sparse_grad, num_rows=None):
     """Pass B (row-major): each touched row's gradient reduced over its segment and written once.
 
-    cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, seg_start, rows from
-    ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D). Returns (du, dv, dg): dense (N, M, D)
-    tensors of zeros plus the written rows, or sparse COO tensors of the touched experts' (M, D) rows.
+    cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, seg_start, rows, count
+    from ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D); num_rows: R as an int or a
+    ``RowCount`` (required with ``sparse_grad``). Returns (du, dv, dg): dense (N, M, D) tensors of zeros
+    plus the written rows (no host sync: the grid is the upper bound T*E), or sparse COO tensors of the
+    touched experts' (M, D) rows (sized by R).
     """
     T, D = x.shape
     N, M, _ = tables[0].shape
     E = cu.shape[1]
-    R = rows.numel()
     glu = tables[2] is not None
+    if sparse_grad:
+        assert num_rows is not None, "sparse_grad needs the number of touched rows (int or RowCount)"
+        R = grid = num_rows if isinstance(num_rows, int) else num_rows.get()
+    else:
+        R, grid = None, T * E
     # Compact rows: ascending, and every unit of a touched expert is touched, so position r holds row
     # rows[r] and the buffer views as (R // M, M, D) experts. Dense: zeros plus one write per touched row.
     shape, alloc = ((R, D), torch.empty) if sparse_grad else ((N * M, D), torch.zeros)
@@ -354,15 +403,15 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, tables, spars
     coefs = [c.view(-1)[perm] if c is not None else None for c in (cu, cv, cg)]  # (T*E,) in sorted order
     block_d = triton.next_power_of_2(D)
     block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
-    if R > 0:
-        _peer_bwd_row_kernel[(R,)](
-            x, dout, perm, seg_start, rows, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
+    if grid > 0:
+        _peer_bwd_row_kernel[(grid,)](
+            x, dout, perm, seg_start, rows, count, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
             grads[0], grads[1], grads[2] if glu else grads[0],
             D, E, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
     if not sparse_grad:
         return tuple(gr.view(N, M, D) if gr is not None else None for gr in grads)
-    experts = (rows[::M] // M).unsqueeze(0)  # (1, R // M)
+    experts = (rows[:R:M] // M).unsqueeze(0)  # (1, R // M)
     return tuple(
         torch.sparse_coo_tensor(experts, gr.view(R // M, M, D), (N, M, D), is_coalesced=True, check_invariants=False)
         if gr is not None
@@ -394,12 +443,18 @@ class PEERExpertsFunction(torch.autograd.Function):
         dout = dout.contiguous()
         T, H, K = indices.shape
         M = u.shape[1]
+        need_tables = any(ctx.needs_input_grad[3:6])
+        if need_tables:  # sort first, so R's copy to the host (sparse grads) overlaps pass A
+            perm, seg_start, rows, count = sort_rows(indices, M, u.shape[0], ctx.deterministic)
+            row_count = RowCount(count) if ctx.sparse_grad else None
         dx, dscore, cu, cv, cg = peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, ctx.activation)
         dscores = dscore.view(T, H, K, M).sum(-1).to(scores.dtype)  # (T, H, K)
         du = dv = dg = None
-        if any(ctx.needs_input_grad[3:6]):
-            perm, seg_start, rows = sort_rows(indices, M, u.shape[0], ctx.deterministic)
-            du, dv, dg = peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, (u, v, g), ctx.sparse_grad)
+        if need_tables:
+            du, dv, dg = peer_backward_rows(
+                dout, x, cu, cv, cg, perm, seg_start, rows, count, (u, v, g), ctx.sparse_grad,
+                num_rows=row_count,
+            )  # fmt: skip
         return dx, None, dscores, du, dv, dg, None, None, None
 
 

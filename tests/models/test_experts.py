@@ -288,3 +288,21 @@ def test_meta_device_construction_and_forward():
         out = layer(torch.empty(2, 3, 16))
     assert out.shape == (2, 3, 16) and out.is_meta
     assert layer.u.shape == (1024**2, 1, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs a CUDA device")
+def test_triton_layer_forward_backward_has_no_host_sync():
+    """Dense table gradients: no CUDA call in the layer's fwd+bwd waits for the device."""
+    cfg = tiny_config(num_experts=64 * 64, product_key_dim=[64, 64], num_experts_per_tok=8, num_heads=4,
+                      query_dim=32, kernel="triton")  # fmt: skip
+    layer = PEER(64, cfg).cuda()
+    x = torch.randn(128, 64, device="cuda", requires_grad=True)
+    params = [x, *layer.parameters()]
+    torch.autograd.grad(layer(x).sum(), params)  # warm-up: kernel compilation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        grads = torch.autograd.grad(layer(x).sum(), params)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -155,3 +155,27 @@ def test_rejects_unknown_activation_and_non_int64_indices():
         peer_experts_triton(x, indices, scores, *tables, "tanh")
     with pytest.raises(ValueError, match="int64"):
         peer_experts_triton(x, indices.int(), scores, *tables, "gelu")
+
+
+def test_sort_rows_segments_on_device_without_reading_the_count():
+    idx = torch.tensor([[[4, 1], [4, 4]], [[0, 1], [7, 4]]])  # (T=2, H=2, K=2), M=2 -> rows 2*e, 2*e+1
+    perm, seg_start, rows, count = tpk.sort_rows(idx.to(DEVICE), 2, 8, deterministic=True)
+    R = int(count.item())
+    assert R == 8  # experts 0, 1, 4, 7, two units each
+    assert rows[:R].tolist() == [0, 1, 2, 3, 8, 9, 14, 15]
+    n = idx.numel() * 2
+    assert seg_start.tolist() == [0, 1, 2, 4, 6, 10, 14, 15] + [n] * (n + 1 - 8)
+    assert perm[seg_start[4] : seg_start[5]].tolist() == [0, 4, 6, 14]  # row 8: expert 4, unit 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host-sync detection needs a CUDA device")
+def test_forward_backward_has_no_host_sync_with_dense_table_grads():
+    x, indices, scores, tables, dout = make_inputs(64, 4, 8, 512, 1, 256, False, "repeats", torch.bfloat16)
+    run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")  # warm-up (compilation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _, grads = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(g).all() for g in grads)
