@@ -55,6 +55,13 @@ def test_train_sh_runs_two_cpu_processes_then_evaluation_script(tmp_path):
     result = json.loads(ev.stdout.strip().splitlines()[-1])
     assert result["checkpoint"].endswith("step_00000002") and result["tokens"] > 0 and 1 < result["perplexity"] < 1e4
 
+    # The model comes from the checkpoint's own config: a --config for another model size only changes data/eval.
+    other = subprocess.run([PYTHON, str(ROOT / "scripts" / "run_evaluation.py"), "--checkpoint", str(run), "--config", TINY,
+                            *_sets(run, "model_config.mla_config.kv_lora_rank=8"), "--batches", "2"],
+                           cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert json.loads(other.stdout.strip().splitlines()[-1])["perplexity"] == result["perplexity"]
+
     bad = subprocess.run([PYTHON, str(ROOT / "scripts" / "run_evaluation.py"), "--checkpoint", str(tmp_path / "none"),
                           "--config", TINY], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr
