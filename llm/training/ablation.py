@@ -28,7 +28,6 @@ Layout of ``output_dir``: ``ablation.json`` (the plan and each run's status; ``-
 from __future__ import annotations
 
 import copy
-import csv
 import itertools
 import json
 import math
@@ -36,7 +35,6 @@ import os
 import queue
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -50,10 +48,10 @@ from typing import Any
 
 from llm.config import Config, ConfigError, dump_config, from_dict, load_config, save_config, to_dict, validate_config
 from llm.config.loader import flatten, read_yaml_mapping, set_dotted
+from llm.training.ablation_report import BASE, format_count, ranking_table, read_metrics, write_summary
 
 BUILTIN_AXES = ("data_mix", "expert_count", "expert_size", "product_dims", "num_heads")
 STRATEGIES = ("one_at_a_time", "grid")
-BASE = "(base)"  # coordinate of an axis none of whose variants equals the base config
 MANIFEST = "ablation.json"
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "scripts" / "train.py"
@@ -388,29 +386,6 @@ def load_study(study_dir: Path) -> Study:
 # ----------------------------------------------------------------------------------------
 
 
-def read_metrics(run_dir: Path) -> dict[str, Any]:
-    """Summary of ``metrics.jsonl``: final held-out loss, train loss (mean of the last 5 logs), speed."""
-    records = []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line from a killed run
-    train = [r for r in records if isinstance(r.get("loss"), (int, float))]
-    val = [r for r in records if "val_loss" in r]
-    speeds = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]
-    return {
-        "val_loss": val[-1].get("val_loss") if val else None,
-        "val_perplexity": val[-1].get("val_perplexity") if val else None,
-        "val_step": val[-1].get("step") if val else None,
-        "train_loss": statistics.fmean(r["loss"] for r in train[-5:]) if train else None,
-        "steps": max((r.get("step", 0) for r in records), default=0),
-        "tokens": max((r.get("tokens", 0) for r in train), default=0),
-        "tokens_per_s": statistics.median(speeds) if speeds else None,
-    }
-
-
 def run_finished(run_dir: Path) -> bool:
     """The trainer reached its last step and evaluated there (an interrupted run has no such record)."""
     try:
@@ -530,129 +505,6 @@ def _tail(path: Path, start: int, lines: int = 15) -> str:
 
 
 # ----------------------------------------------------------------------------------------
-# Results
-# ----------------------------------------------------------------------------------------
-
-
-def summary_rows(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], str]:
-    """One row per run, ranked (finished first, by the ranking metric); (rows, metric name).
-
-    The metric is the final held-out loss when every finished run has one, else the final train loss
-    (hub mixes without a validation split log no held-out loss).
-    """
-    rows = []
-    for run in study.runs:
-        m = read_metrics(study_dir / run.name)
-        rows.append({"run": run.name, "status": run.status, **run.coords, **m, "params_total": run.params_total,
-                     "params_active": run.params_active, "wall_s": round(run.wall_s, 1), "error": run.error})  # fmt: skip
-    done = [r for r in rows if r["status"] == "completed"]
-    metric = "val_loss" if done and all(r["val_loss"] is not None for r in done) else "train_loss"
-    ranked = sorted(done, key=lambda r: (r[metric] is None, r[metric] if r[metric] is not None else 0.0))
-    for i, row in enumerate(ranked):
-        row["rank"] = i + 1
-    return ranked + [r for r in rows if r["status"] != "completed"], metric
-
-
-def write_summary(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], str]:
-    """``results.csv`` and ``results.md`` (ranking, best config, per-axis comparison, failures); (rows, metric)."""
-    rows, metric = summary_rows(study, study_dir)
-    columns = ["rank", "run", "status", *study.axes, "val_loss", "val_perplexity", "train_loss", "steps", "tokens",
-               "tokens_per_s", "params_total", "params_active", "wall_s", "error"]  # fmt: skip
-    with open(study_dir / "results.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    (study_dir / "results.md").write_text(render_markdown(study, rows, metric), encoding="utf-8")
-    return rows, metric
-
-
-def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> str:
-    done = [r for r in rows if r.get("rank")]
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted", "pending")}
-    label = "held-out loss" if metric == "val_loss" else "final train loss (no held-out loss logged)"
-    out = [f"# Ablation results ({study.strategy}, base {study.base_config})", ""]
-    out.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(rows)} runs; ranked by {label}.")
-    if study.tokens:
-        out.append(f"Every run trains {_si(study.tokens)} tokens.")
-    if done:
-        best = done[0]
-        changed = {k: v for r in study.runs if r.name == best["run"] for k, v in r.overrides.items()}
-        out += [
-            "",
-            f"**Best: {best['run']}**, {metric} {_num(best[metric])}; overrides: {changed or 'none (base config)'}",
-        ]
-    out += ["", "## Ranking", "", ranking_table(rows, metric)]
-    out += ["", "## Per-axis comparison", ""]
-    if study.strategy == "one_at_a_time":
-        out.append("Each axis: its variants with every other axis at the base config.")
-    else:
-        out.append("Each axis: mean and best over the grid points holding each variant.")
-    for axis, variants in study.axes.items():
-        out += ["", f"### {axis}", "", "| variant | runs | mean | best | best run |", "|---|---|---|---|---|"]
-        home = study.base_variants.get(axis, BASE)
-        for variant in dict.fromkeys([home, *variants]):
-            group = [r for r in done if r.get(axis) == variant and r[metric] is not None]
-            if study.strategy == "one_at_a_time":  # only the runs that vary this axis alone
-                group = [
-                    r
-                    for r in group
-                    if all(r.get(a) == study.base_variants.get(a, BASE) for a in study.axes if a != axis)
-                ]
-            if not group:
-                out.append(f"| {variant} | 0 | - | - | - |")
-                continue
-            best = min(group, key=lambda r: r[metric])
-            mean = statistics.fmean(r[metric] for r in group)
-            out.append(
-                f"| {variant}{' (base)' * (variant == home)} | {len(group)} | {_num(mean)} | {_num(best[metric])} | {best['run']} |"
-            )
-    if "data_mix" in study.axes:
-        out += ["", "Note: each data_mix run's held-out loss is measured on its own mix's validation data, so the"
-                " losses of different mixes are not directly comparable; evaluate every checkpoint on one common"
-                " set (scripts/run_evaluation.py) before choosing a mix."]  # fmt: skip
-    unfinished = [r for r in rows if r["status"] != "completed"]
-    if unfinished:
-        out += ["", "## Not finished", ""]
-        for r in unfinished:
-            out.append(
-                f"- **{r['run']}**: {r['status']}" + (f", exit code {_rc(study, r)}" if r["status"] == "failed" else "")
-            )
-            if r["error"]:
-                out += ["", "  ```", *("  " + line for line in r["error"].splitlines()), "  ```"]
-    if study.notes:
-        out += ["", "## Planning notes", "", *(f"- {n}" for n in study.notes)]
-    return "\n".join(out) + "\n"
-
-
-def ranking_table(rows: list[dict[str, Any]], metric: str) -> str:
-    lines = ["| rank | run | val loss | val ppl | train loss | tokens | tokens/s | params (total / active) |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in rows:
-        rank = r.get("rank") or r["status"]
-        lines.append(f"| {rank} | {r['run']} | {_num(r['val_loss'])} | {_num(r['val_perplexity'], 2)} | "
-                     f"{_num(r['train_loss'])} | {_si(r['tokens'])} | {_si(r['tokens_per_s'])} | "
-                     f"{_si(r['params_total'])} / {_si(r['params_active'])} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def _rc(study: Study, row: dict[str, Any]) -> Any:
-    return next(r.returncode for r in study.runs if r.name == row["run"])
-
-
-def _num(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
-
-
-def _si(value: Any) -> str:
-    if not isinstance(value, (int, float)):
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{unit}"
-    return f"{value:.3g}"
-
-
-# ----------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------
 
@@ -696,7 +548,7 @@ def ablate(
         say(f"  note: {note}")
     for run in study.runs:
         say(
-            f"  {run.name}: {run.overrides or 'base config'} ({_si(run.params_total)} params, {_si(run.params_active)} active)"
+            f"  {run.name}: {run.overrides or 'base config'} ({format_count(run.params_total)} params, {format_count(run.params_active)} active)"
         )
     if dry_run:
         return 0

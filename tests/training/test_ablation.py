@@ -18,8 +18,8 @@ from llm.training.ablation import (
     Study,
     balanced_factors,
     plan_study,
-    summary_rows,
 )
+from llm.training.ablation_report import summary_rows
 
 CONFIG = str(ROOT / "configs" / "config.yaml")
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -184,7 +184,9 @@ def test_tiny_study_ranks_runs_and_resume_reruns_only_what_is_missing(tmp_path):
     assert sorted(ranked) == ["baseline", "lr=lo"] and f"**Best: {ranked[0]}**" in results
     assert "### lr" in results and "| hi (base) | 1 |" in results and "| lo | 1 |" in results
     assert "lr=broken**: failed, exit code 2" in results and "model_config.vocab_size" in results
-    assert "Ranking" in proc.stdout and ranked[0] in proc.stdout
+    assert "Ranking" in proc.stdout and "Traceback" not in proc.stderr
+    ranking_lines = proc.stdout.split("Ranking", 1)[1]
+    assert ranked[0] in ranking_lines and "results: " in ranking_lines  # the table and the path were printed
 
     # Simulate a kill of lr=lo after its step-2 checkpoint: later checkpoints and records gone.
     lo = out / "lr=lo"
