@@ -192,16 +192,15 @@ class _ProductKeyRetrieval(torch.autograd.Function):
                         else None
                     )
                     continue
+                dq_p = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # (T*H, q)
                 if ctx.needs_input_grad[2 + p]:
-                    with torch.enable_grad():
-                        leaf = table.requires_grad_()
-                        dq_p = F.embedding_bag(idx, leaf, per_sample_weights=w, mode="sum")  # (T*H, q)
-                        (dtable,) = torch.autograd.grad(dq_p, leaf, q_p.contiguous())
+                    # d key_p[c] = sum over the (row, slot) entries that chose c of dscore * q_p(row); an
+                    # explicit index_add (not autograd.grad, which torch.compile cannot trace).
+                    contrib_EQ = (w.unsqueeze(-1) * q_p.unsqueeze(1)).reshape(-1, q)  # (T*H*K, q)
+                    dtable = torch.zeros_like(table).index_add_(0, idx.reshape(-1), contrib_EQ)
                     dkeys.append(dtable.view_as(keys))
-                    dq_p = dq_p.detach()
                 else:
                     dkeys.append(None)
-                    dq_p = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
                 dq_parts.append(dq_p)
         if not ctx.needs_input_grad[1]:
             dq = None

@@ -197,3 +197,15 @@ def test_flex_document_mask_is_built_once_per_forward(monkeypatch):
 def test_bad_config_raises_config_error_naming_the_key():
     with pytest.raises(ConfigError, match="model_config.peer_layers"):
         FoundationModel(tiny_config(peer_layers=[5]))
+
+
+def test_training_loss_traces_as_one_graph():
+    """torch.compile sees the whole model: no graph break from attention, PEER routing or usage counting."""
+    import torch._dynamo
+
+    cfg = tiny_config()
+    cfg.peer_config.log_expert_usage = True
+    model = FoundationModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    explained = torch._dynamo.explain(lambda ids: model.loss(ids, ids)[0])(ids)
+    assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
