@@ -156,6 +156,9 @@ class DataSourceConfig:
     config_name: str | None = None  # hub dataset configuration
     split: str = "train"  # training split
     validation_split: str | None = None  # held-out split for evaluation (None = none)
+    # Hold out the first N documents of the training split for evaluation, and never train on them:
+    # for sources without a validation split (most pretraining corpora on the hub). 0 = off.
+    holdout_documents: int = 0
     revision: str | None = None  # hub revision (commit, tag or branch)
     streaming: bool = True  # stream from the hub instead of downloading
     text_field: str = "text"  # field holding the document text

@@ -192,6 +192,13 @@ def validate_dataset_config(cfg: DatasetConfig, prefix: str = "dataset_config") 
         require_choice(src.sample_by, s + "sample_by", ["line", "paragraph", "document"])
         require(src.min_chars >= 0, s + "min_chars", src.min_chars, "must be >= 0")
         require(src.max_chars >= 0, s + "max_chars", src.max_chars, "must be >= 0 (0 = no limit)")
+        require(src.holdout_documents >= 0, s + "holdout_documents", src.holdout_documents, "must be >= 0 (0 = off)")
+        require(
+            not (src.holdout_documents and src.validation_split),
+            s + "holdout_documents",
+            src.holdout_documents,
+            f"set either it or validation_split ({src.validation_split!r}), not both",
+        )
     if cfg.sources:
         weights = [s.weight for s in cfg.sources]
         require(sum(weights) > 0, k + "sources", weights, "weights must not all be zero")

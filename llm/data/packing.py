@@ -95,4 +95,6 @@ def _windows(tokens: torch.Tensor, docs: torch.Tensor, n: int, seq_len: int) -> 
     idx = torch.arange(n).unsqueeze(1) * seq_len + torch.arange(seq_len + 1)  # (n, S + 1)
     win, doc = tokens[idx], docs[idx]
     doc = doc - doc[:, :1]  # per-row numbering from 0
-    return {"input_ids": win[:, :-1].contiguous(), "labels": win[:, 1:].contiguous(), "doc_ids": doc[:, :-1].contiguous()}
+    # clone, not contiguous(): with n == 1 the slices are already "contiguous" views of one storage, and
+    # take_padded's in-place IGNORE_INDEX on the labels would then overwrite the inputs too.
+    return {"input_ids": win[:, :-1].clone(), "labels": win[:, 1:].clone(), "doc_ids": doc[:, :-1].clone()}

@@ -13,9 +13,13 @@ the first malformed line. Hub datasets go through ``datasets.load_dataset``.
 from __future__ import annotations
 
 import bz2
+import dataclasses
+import functools
 import glob
 import gzip
+import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
@@ -302,6 +306,9 @@ def source_dataset(src: DataSourceConfig, index: int, split: str, seed: int, nod
                                              "min_chars": src.min_chars, "max_chars": src.max_chars},
                     remove_columns=ds.column_names, features=_features())
         ds = ds.filter(_kept)
+    if split == "train" and src.holdout_documents:
+        # Exclusion by content, not position: exact whatever the sharding across nodes and workers.
+        ds = ds.filter(_not_held_out, fn_kwargs={"held_out": held_out_hashes(src)})
     return split_dataset_by_node(ds, node, num_nodes)
 
 
@@ -324,6 +331,41 @@ def iter_source_texts(src: DataSourceConfig, split: str, seed: int = 0) -> Itera
         stop = VALIDATION_DOCUMENTS if split == "validation" else None
         yield from embedded_documents(seed, split, stop=stop)
         return
+    if split == "validation" and src.holdout_documents:
+        yield from itertools.islice(_source_texts(src, "train"), src.holdout_documents)
+    elif split == "train" and src.holdout_documents:
+        held_out = held_out_hashes(src)
+        yield from (t for t in _source_texts(src, "train") if t is None or _text_hash(t) not in held_out)
+    else:
+        yield from _source_texts(src, split)
+
+
+def _text_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def held_out_hashes(src: DataSourceConfig) -> frozenset[str]:
+    """Content hashes of the first ``holdout_documents`` documents of a source's training split.
+
+    They form the source's validation split; training skips every document with one of these texts
+    (repeats later in the stream included), so train and validation never share a document.
+    """
+    return _held_out_hashes(dataclasses.astuple(src))  # config dataclasses are unhashable; tuples are
+
+
+@functools.lru_cache(maxsize=64)  # read once per process, not once per loader or evaluation
+def _held_out_hashes(fields: tuple) -> frozenset[str]:
+    src = DataSourceConfig(*fields)
+    first = itertools.islice(_source_texts(src, "train"), src.holdout_documents)
+    return frozenset(_text_hash(t) for t in first if t is not None)
+
+
+def _not_held_out(record: dict, held_out: frozenset[str]) -> bool:
+    return record["text"] is None or _text_hash(record["text"]) not in held_out
+
+
+def _source_texts(src: DataSourceConfig, split: str) -> Iterator[str | None]:
+    """Documents of a local or hub source's own split (``validation`` = its ``validation_split``)."""
     if src.type == "local":
         files = local_files(src, split)
         check_local_source(src, files)
@@ -341,4 +383,4 @@ def iter_source_texts(src: DataSourceConfig, split: str, seed: int = 0) -> Itera
 
 
 def has_split(src: DataSourceConfig, split: str) -> bool:
-    return split == "train" or src.type == "embedded" or bool(src.validation_split)
+    return split == "train" or src.type == "embedded" or bool(src.validation_split) or src.holdout_documents > 0

@@ -127,3 +127,27 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         _take(iter(build(type="hub", path="HuggingFaceFW/fineweb-edu")), 1)
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_holdout_documents_form_validation_and_never_train(tmp_path, world):
+    # Two files so the source has two shards: the exclusion must hold however nodes split them.
+    write_jsonl(tmp_path / "h1.jsonl", docs("hone", 20))
+    write_jsonl(tmp_path / "h2.jsonl", docs("htwo", 20))
+    src = DataSourceConfig(name="h", type="local", path=str(tmp_path / "h*.jsonl"), holdout_documents=5)
+    cfg = dataset_config([src], stopping_strategy="first_exhausted")
+    plan = LoaderPlan(cfg, TOK, [src], 1, 0, world)
+    trained = [t for node in range(world) for _, t in MixStream(plan, node, world, None, max_epochs=1)]
+    held_out = docs("hone", 5)  # the first five documents of the source, in file order
+    assert not set(held_out) & set(trained)
+    assert sorted(trained) == sorted(docs("hone", 20)[5:] + docs("htwo", 20))  # nothing else lost
+    text = TOK.decode(torch.cat([b["input_ids"] for b in build_val_loader(cfg, TOK, 1)]).view(-1).tolist())
+    assert all(d in text for d in held_out) and "hone005" not in text
+
+
+def test_holdout_and_validation_split_together_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", docs("x", 5))
+    cfg = dataset_config([DataSourceConfig(name="s", type="local", path=str(path), validation_split=str(path),
+                                           holdout_documents=2)])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"sources\[0\].holdout_documents"):
+        build_train_loader(cfg, TOK, 2)

@@ -51,3 +51,15 @@ def test_state_round_trip_through_torch_save(tmp_path):
     q.add([5, 6, 7], 0)
     a, b = p.take(2), q.take(2)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_padded_single_window_keeps_inputs_valid():
+    """Batch size 1: the padded labels must not alias the inputs (they are -100 only in labels)."""
+    from llm.data.packing import IGNORE_INDEX, Packer
+
+    packer = Packer(seq_len=8, eos_id=0, bos_id=1, pad_id=2, add_bos=False, num_sources=1)
+    packer.add([5, 6, 7], 0)
+    batch = packer.take_padded(1)
+    assert batch["input_ids"].min() >= 0
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0, 2, 2, 2, 2]]
+    assert batch["labels"].tolist() == [[6, 7, 0] + [IGNORE_INDEX] * 5]
