@@ -94,7 +94,7 @@ def test_million_expert_config_builds_on_meta_device_quickly():
     start = time.perf_counter()
     with torch.device("meta"):
         model = FoundationModel(cfg)
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < 20.0  # generous for loaded CI machines; real tables would take minutes
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == count_parameters(cfg).total
     assert [i for i, _ in model.peer_modules()] == [2, 5, 8, 11]

@@ -119,6 +119,6 @@ def test_million_expert_config_is_instant():
     start = time.perf_counter()
     r = count_parameters(cfg)
     flops_per_token(cfg, 2048)
-    assert time.perf_counter() - start < 0.05
+    assert time.perf_counter() - start < 1.0  # counting, not allocating: 6.6 B parameters would take minutes
     assert r.by_component["peer.experts"].total == 4 * 2 * 1024**2 * 768
     assert set(r.by_component) == set(COMPONENTS)
