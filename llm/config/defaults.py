@@ -91,6 +91,10 @@ class ModelConfig:
     tie_embeddings: bool = False  # share the token embedding with the LM head
     init_std: float = 0.02  # std of linear/embedding initialisation (residual outputs scaled by 1/sqrt(2L))
     z_loss: float = 0.0  # weight of the log-partition (z) loss, 0 = off
+    # Compute LM head + loss over this many tokens at a time, recomputing each chunk's logits in backward:
+    # the (tokens, vocab) fp32 logits never exist whole (6.6 GB at 16 x 2048 tokens x 50k vocab), for one
+    # extra head matmul. 0 = all tokens at once.
+    loss_chunk_tokens: int = 0
     peer_config: PEERConfig = field(default_factory=PEERConfig)
     mla_config: MLAConfig = field(default_factory=MLAConfig)
 

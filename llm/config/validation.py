@@ -139,6 +139,7 @@ def validate_model_config(cfg: ModelConfig, prefix: str = "model_config") -> Non
     require(cfg.norm_eps > 0, k + "norm_eps", cfg.norm_eps, "must be > 0")
     require(cfg.init_std > 0, k + "init_std", cfg.init_std, "must be > 0")
     require(cfg.z_loss >= 0, k + "z_loss", cfg.z_loss, "must be >= 0")
+    require(cfg.loss_chunk_tokens >= 0, k + "loss_chunk_tokens", cfg.loss_chunk_tokens, "must be >= 0 (0 = off)")
     validate_peer_config(cfg.peer_config, k + "peer_config")
     validate_mla_config(cfg.mla_config, k + "mla_config")
 

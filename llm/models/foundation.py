@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llm.config.defaults import ModelConfig, peer_layer_indices
 from llm.config.validation import validate_model_config
@@ -116,8 +117,9 @@ class FoundationModel(nn.Module):
         input_ids: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         caches: list | None = None,
-    ) -> torch.Tensor:
-        """Logits of the next token at every position.
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits of the next token at every position (or, with ``labels``, the loss: see ``loss``).
 
         Args:
             input_ids: (B, T) int64 token ids.
@@ -125,16 +127,27 @@ class FoundationModel(nn.Module):
                 document when ``mla_config.document_masking`` is on.
             caches: one latent cache per block from ``make_caches``; the tokens are appended to
                 them and attend to everything cached before (incremental decoding).
+            labels: (B, T) targets; when given, returns ``loss``'s (loss, parts) instead of logits, so
+                the whole loss runs inside this forward (FSDP's hooks gather the head for it).
         Returns:
             (B, T, V) logits in the dtype of the computation.
         """
+        hidden = self._hidden_states(input_ids, doc_ids, caches)  # (B, T, D)
+        if labels is not None:
+            return self._chunked_loss(hidden.flatten(0, 1), labels.reshape(-1))
+        return self.head(hidden)  # (B, T, V)
+
+    def _hidden_states(
+        self, input_ids: torch.Tensor, doc_ids: torch.Tensor | None = None, caches: list | None = None
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, D) final-normed hidden states (what the LM head reads)."""
         if not self.config.mla_config.document_masking:
             doc_ids = None  # loaders always send doc_ids; the config decides whether they mask
         doc_mask = as_document_mask(doc_ids)  # built once, shared by every block
         x = self.embed(input_ids)  # (B, T, D)
         for i, block in enumerate(self.layers):
             x = block(x, cache=None if caches is None else caches[i], doc_ids=doc_mask)
-        return self.head(self.norm(x))  # (B, T, V)
+        return self.norm(x)
 
     def loss(
         self, input_ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None = None
@@ -149,20 +162,36 @@ class FoundationModel(nn.Module):
             (PaLM, Chowdhery et al. 2022, section 5) keeps the softmax normaliser near 1, which
             stabilises bf16 training; it is computed over non-ignored positions only.
         """
-        logits = self(input_ids, doc_ids=doc_ids).float()  # (B, T, V)
-        flat_logits = logits.view(-1, logits.size(-1))
-        flat_labels = labels.reshape(-1)
-        ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
-        loss = ce
-        if self.config.z_loss > 0:
-            # Masked mean rather than boolean indexing: indexing would sync with the host every step.
-            keep = (flat_labels != IGNORE_INDEX).float()
-            lse = torch.logsumexp(flat_logits, dim=-1)  # (B*T,)
-            z = (lse.pow(2) * keep).sum() / keep.sum().clamp_min(1.0)
-            loss = ce + self.config.z_loss * z
-        else:
-            z = torch.zeros((), device=ce.device)
+        return self(input_ids, doc_ids=doc_ids, labels=labels)
+
+    def _chunked_loss(self, hidden_ND: torch.Tensor, labels_N: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(B*T, D) hidden states, (B*T,) labels -> ``loss``'s result, ``loss_chunk_tokens`` at a time."""
+        chunk = self.config.loss_chunk_tokens or hidden_ND.shape[0]
+        ce_sum = z_sum = hidden_ND.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden_ND.shape[0], chunk):
+            h, y = hidden_ND[start : start + chunk], labels_N[start : start + chunk]
+            if chunk < hidden_ND.shape[0] and torch.is_grad_enabled():
+                # Recompute this chunk's logits in backward instead of keeping them.
+                parts = checkpoint(self._loss_sums, h, y, use_reentrant=False)
+            else:
+                parts = self._loss_sums(h, y)
+            ce_sum, z_sum = ce_sum + parts[0], z_sum + parts[1]
+        # Masked count rather than boolean indexing: indexing would sync with the host every step.
+        tokens = (labels_N != IGNORE_INDEX).sum().clamp_min(1).float()
+        ce, z = ce_sum / tokens, z_sum / tokens
+        loss = ce + self.config.z_loss * z if self.config.z_loss > 0 else ce
         return loss, {"ce": ce.detach(), "z_loss": z.detach()}
+
+    def _loss_sums(self, hidden_ND: torch.Tensor, labels_N: torch.Tensor) -> torch.Tensor:
+        """(N, D) hidden states, (N,) labels -> [sum of cross-entropies, sum of logsumexp^2], fp32."""
+        logits_NV = self.head(hidden_ND).float()
+        ce_sum = F.cross_entropy(logits_NV, labels_N, ignore_index=IGNORE_INDEX, reduction="sum")
+        if self.config.z_loss > 0:
+            keep = (labels_N != IGNORE_INDEX).float()
+            z_sum = (torch.logsumexp(logits_NV, dim=-1).pow(2) * keep).sum()
+        else:
+            z_sum = torch.zeros_like(ce_sum)
+        return torch.stack([ce_sum, z_sum])
 
     # ------------------------------------------------------------------------------------
     # Helpers for trackers, optimisers and generation

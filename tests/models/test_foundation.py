@@ -209,3 +209,44 @@ def test_training_loss_traces_as_one_graph():
     ids = torch.randint(0, cfg.vocab_size, (2, 12))
     explained = torch._dynamo.explain(lambda ids: model.loss(ids, ids)[0])(ids)
     assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+
+
+class _LargestOutput(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_loss_equals_full_loss_and_never_builds_all_logits():
+    torch.manual_seed(0)
+    cfg = tiny_config(z_loss=1e-3, vocab_size=4000)  # logits (30 x 4000) outsize every weight
+    model = FoundationModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 10))
+    labels = ids.roll(-1, dims=1)
+    labels[0, :4] = -100  # ignored positions inside a chunk
+    grads, losses, largest = [], [], []
+    for chunk in (0, 7):  # 30 tokens: chunks of 7 leave a ragged last chunk of 2
+        model.config.loss_chunk_tokens = chunk
+        model.zero_grad()
+        with _LargestOutput() as mode:
+            loss, parts = model.loss(ids, labels)
+            loss.backward()
+        losses.append((loss.detach(), parts["ce"], parts["z_loss"]))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        largest.append(mode.largest)
+    for full, chunked in zip(*losses, strict=True):
+        torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+    all_logits = 30 * cfg.vocab_size
+    assert largest[0] >= all_logits > largest[1]  # the (tokens, vocab) logits only exist per chunk
