@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from script_helpers import ROOT, TINY, save_tiny_checkpoint
+from script_helpers import load_script as load_helper_script
 
 from llm.config import load_config
 from llm.utils.eval.size import count_parameters
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "analyze_model.py"
-# A tiny PEER model on the embedded data (CPU-sized).
-TINY = [
-    "model_config.dim=32", "model_config.num_layers=2", "model_config.ffn_hidden_size=64",
-    "model_config.peer_config.num_experts=256", "model_config.peer_config.product_key_dim=[16,16]",
-    "model_config.peer_config.query_dim=16", "model_config.peer_config.num_heads=2",
-    "model_config.mla_config.kv_lora_rank=16", "model_config.mla_config.qk_nope_head_dim=8",
-    "model_config.mla_config.qk_rope_head_dim=8", "model_config.mla_config.v_head_dim=8",
-    "model_config.mla_config.num_heads=2", "dataset_config.seq_len=32",
-]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("analyze_model_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_helper_script("analyze_model")
 
 
 def test_reference_config_under_ten_seconds_with_png(tmp_path):
@@ -70,15 +57,7 @@ def test_help_documents_every_flag(capsys):
 
 
 def test_verify_and_expert_utilisation_from_a_checkpoint(tmp_path, capsys):
-    import torch
-
-    from llm.models.foundation import FoundationModel
-    from llm.training.checkpoint import Checkpointer
-
-    config = load_config(ROOT / "configs/tiny.yaml", TINY)
-    torch.manual_seed(0)
-    model = FoundationModel(config.model_config)
-    saved = Checkpointer(tmp_path / "run").save(3, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, config)
+    _, _, saved = save_tiny_checkpoint(tmp_path / "run", 3)
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--verify", "--checkpoint", str(saved), "--batches", "2"]
     for override in TINY:
         argv += ["--set", override]

@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from test_analyze_model import TINY  # tests/scripts is on sys.path (rootdir-relative imports)
+from script_helpers import load_script as load_helper_script
+from script_helpers import save_tiny_checkpoint  # tests/scripts is on sys.path (rootdir-relative imports)
 
-from llm.config import load_config
 from llm.models.foundation import FoundationModel
-from llm.training.checkpoint import Checkpointer
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("export_script", ROOT / "scripts" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_helper_script("export")
 
 
 def test_export_native_and_refuse_hf_for_peer(tmp_path, capsys):
-    config = load_config(ROOT / "configs/tiny.yaml", TINY)
-    torch.manual_seed(0)
-    model = FoundationModel(config.model_config).eval()
-    saved = Checkpointer(tmp_path / "run").save(2, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, config)
+    config, model, saved = save_tiny_checkpoint(tmp_path / "run", 2)
+    model.eval()
     assert load_script().main(["--checkpoint", str(saved), "--output", str(tmp_path / "native")]) == 0
     ids = torch.randint(0, config.model_config.vocab_size, (1, 6))
     assert torch.equal(FoundationModel.from_pretrained(tmp_path / "native").eval()(ids), model(ids))

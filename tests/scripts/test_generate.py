@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-import torch
-from test_analyze_model import TINY  # tests/scripts is on sys.path (rootdir-relative imports)
-
-from llm.config import load_config
-from llm.models.foundation import FoundationModel
-from llm.training.checkpoint import Checkpointer
-
-ROOT = Path(__file__).resolve().parents[2]
+from script_helpers import load_script as load_helper_script
+from script_helpers import save_tiny_checkpoint  # tests/scripts is on sys.path (rootdir-relative imports)
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("generate_script", ROOT / "scripts" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_helper_script("generate")
 
 
 def test_generate_from_a_run_directory(tmp_path, capsys):
-    config = load_config(ROOT / "configs/tiny.yaml", TINY)
-    torch.manual_seed(0)
-    model = FoundationModel(config.model_config)
-    Checkpointer(tmp_path).save(1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, config)
+    save_tiny_checkpoint(tmp_path, 1)
     argv = ["--checkpoint", str(tmp_path), "--prompt", "The", "--prompt", "", "--max-new-tokens", "5", "--seed", "1"]
     assert load_script().main(argv) == 0
     first = capsys.readouterr().out
