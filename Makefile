@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Each demo gets its own run directory: a fresh run refuses a directory that already holds checkpoints.
 demo: $(STAMP)
-	$(PY) scripts/train.py --config configs/tiny.yaml
+	$(PY) scripts/train.py --config configs/tiny.yaml --set train_config.output_dir=runs/tiny-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         help="also build the model on the meta device (no memory) and check the counts against it",
     )
     args = parser.parse_args(argv)
-    errors: tuple[type[Exception], ...] = (ConfigError, FileNotFoundError)
+    # ValueError covers ConfigError and data/tokenizer errors (e.g. a hub tokenizer while offline).
+    errors: tuple[type[Exception], ...] = (ValueError, OSError)
     if args.checkpoint:  # torch is imported only when a checkpoint is read
         from llm.training.checkpoint import CheckpointError
 

@@ -198,9 +198,6 @@ class EvalConfig:
 
     eval_interval: int = 0  # steps between held-out evaluations (0 = only at the end)
     eval_batches: int = 20  # batches per held-out evaluation
-    metrics: list[str] = field(default_factory=lambda: ["perplexity"])  # perplexity | accuracy
-    evals: list[str] = field(default_factory=list)  # OpenAI evals names (needs the eval extra)
-    lm_eval_tasks: list[str] = field(default_factory=list)  # lm-eval tasks (needs the eval extra)
     sample_prompts: list[str] = field(default_factory=lambda: ["The"])  # prompts sampled after training
     sample_tokens: int = 64  # tokens generated per sample
     temperature: float = 0.8  # sampling temperature

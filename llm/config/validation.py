@@ -209,8 +209,6 @@ def validate_eval_config(cfg: EvalConfig, prefix: str = "eval_config") -> None:
     k = f"{prefix}."
     require(cfg.eval_interval >= 0, k + "eval_interval", cfg.eval_interval, "must be >= 0 (0 = only at the end)")
     require(cfg.eval_batches >= 1, k + "eval_batches", cfg.eval_batches, "must be >= 1")
-    for i, metric in enumerate(cfg.metrics):
-        require_choice(metric, f"{k}metrics[{i}]", ["perplexity", "accuracy"])
     require(cfg.sample_tokens >= 0, k + "sample_tokens", cfg.sample_tokens, "must be >= 0")
     require(cfg.temperature >= 0, k + "temperature", cfg.temperature, "must be >= 0 (0 = greedy)")
     require(cfg.top_k >= 0, k + "top_k", cfg.top_k, "must be >= 0 (0 = off)")

@@ -38,6 +38,16 @@ class DistInfo:
         return self.world_size > 1
 
 
+def autocast_dtype(train_config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for ``precision: bf16``, or ``auto`` on CUDA; None = run in the parameters' dtype.
+
+    Training, evaluation and sampling all use this, so a checkpoint is evaluated as it was trained.
+    """
+    if train_config.precision == "bf16" or (train_config.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def pick_device(train_config: TrainConfig, local_rank: int = 0) -> torch.device:
     if train_config.device == "cuda" or (train_config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():

@@ -35,6 +35,7 @@ from llm.config.defaults import ModelConfig, TrainConfig
 from llm.models.generation import prompt_token_ids
 from llm.training import distributed
 from llm.training.checkpoint import Checkpointer, checkpoint_step, set_rng_state
+from llm.training.distributed import autocast_dtype
 from llm.training.metrics import Throughput, build_logger, memory_gib, peak_flops
 from llm.training.optim import build_optimizer, clip_grad_norm
 from llm.training.schedule import apply_lr, build_schedule
@@ -81,6 +82,14 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
     """Train ``config``; ``resume`` = None (fresh), 'latest' or a checkpoint/run folder."""
     tc, dc, mc = config.train_config, config.dataset_config, config.model_config
     out = prepare_output_dir(tc.output_dir)
+    previous = None if resume else Checkpointer(out).latest()
+    if previous is not None:
+        # A fresh run would overwrite metrics.jsonl and prune the old, higher-numbered checkpoints' steps
+        # in its favour: refuse rather than lose work.
+        raise ConfigError(
+            f"train_config.output_dir: {out} already holds checkpoints (latest {previous.name}); "
+            "continue with --resume, or choose another output_dir"
+        )
     info = distributed.init_distributed(tc)
     try:
         from llm.data import build_tokenizer, build_train_loader
@@ -174,7 +183,11 @@ class Loop:
                 self.evaluate(state.step)
             if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
                 self.save(state)
-            if distributed.any_true(signals.received is not None):
+            # Ranks agree on stopping through an all-reduce, a host sync that would stall the next step's
+            # launches: across processes it runs on log steps only (at most log_interval steps of delay).
+            if (not self.info.enabled or state.step % tc.log_interval == 0) and distributed.any_true(
+                signals.received is not None
+            ):
                 return "interrupted"
         return "completed"
 
@@ -343,12 +356,6 @@ def prepare_model(model: nn.Module, tc: TrainConfig) -> LossModule:
     if tc.compile:
         loss_module.compile()
     return loss_module
-
-
-def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
-    if tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def total_training_steps(tc: TrainConfig, seq_len: int, world_size: int) -> int:

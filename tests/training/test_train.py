@@ -123,6 +123,17 @@ def test_resume_with_a_different_model_names_the_fields(tiny_config):
         train_mod.train(changed, resume="latest")
 
 
+def test_fresh_run_refuses_a_directory_with_checkpoints(tiny_config):
+    """A fresh run would prune the old, higher-numbered checkpoints in favour of its own: refuse instead."""
+    config = tiny_config("train_config.max_steps=2", "train_config.checkpoint_interval=2", "eval_config.sample_tokens=0")
+    train_mod.train(config)
+    with pytest.raises(ConfigError, match=r"train_config\.output_dir: .* already holds checkpoints \(latest step_00000002\)"):
+        train_mod.train(config)
+    resumed = tiny_config("train_config.max_steps=3", "eval_config.sample_tokens=0")
+    train_mod.train(resumed, resume="latest")  # --resume continues in the same directory
+    assert Checkpointer(resumed.train_config.output_dir).latest().name == "step_00000003"
+
+
 def test_unwritable_output_dir_is_one_line_and_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -79,12 +79,12 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | 
     """
     from llm.data import build_tokenizer, build_val_loader
     from llm.models.hf_export import model_from_checkpoint
-    from llm.training.distributed import pick_device
+    from llm.training.distributed import autocast_dtype, pick_device
 
     device = pick_device(config.train_config)
     _, model = model_from_checkpoint(checkpoint_dir)
     model.to(device)
     tokenizer = build_tokenizer(config.dataset_config)
     val = build_val_loader(config.dataset_config, tokenizer, config.train_config.batch_size)
-    dtype = torch.bfloat16 if device.type == "cuda" and config.train_config.precision != "fp32" else None
+    dtype = autocast_dtype(config.train_config, device)
     return evaluate_perplexity(model, val, batches or config.eval_config.eval_batches, device, dtype)
