@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from llm.config import ConfigError, load_config
 from llm.config.cli import add_config_arguments
@@ -28,14 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from llm.training.checkpoint import Checkpointer, CheckpointError
+    from llm.training.checkpoint import CheckpointError, find_model_checkpoint
     from llm.utils.eval.perplexity import evaluate_checkpoint
 
     try:
         config = load_config(args.config, args.overrides)
-        path = Path(args.checkpoint)
-        if (path / "checkpoints").is_dir():
-            path = Checkpointer(path).latest() or path
+        path = find_model_checkpoint(args.checkpoint)
         result = evaluate_checkpoint(path, config, args.batches)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -91,19 +91,10 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """``path`` itself when it is a complete checkpoint, else the latest complete one of run directory ``path``."""
-    from llm.training.checkpoint import MARKER, Checkpointer
+    """``path`` itself when it is a complete checkpoint, else the newest intact one of run directory ``path``."""
+    from llm.training.checkpoint import find_model_checkpoint
 
-    path = Path(path)
-    if (path / MARKER).is_file():
-        return path
-    latest = Checkpointer(path).latest()
-    if latest is None:
-        raise FileNotFoundError(
-            f"{path}: neither a complete checkpoint (a step_XXXXXXXX folder with {MARKER}) "
-            "nor a run directory holding one"
-        )
-    return latest
+    return find_model_checkpoint(path)
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"):

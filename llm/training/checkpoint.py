@@ -468,6 +468,27 @@ def check_config(path: Path, config: Config) -> None:
         )
 
 
+def find_model_checkpoint(path: str | Path) -> Path:
+    """The checkpoint to read a model from: ``path`` itself when it is a complete checkpoint, else the newest
+    intact checkpoint of run directory ``path`` (a truncated one is reported and an older one used, as
+    ``--resume`` does). Used by evaluation, generation, export and analysis; raises ``CheckpointError``.
+    """
+    path = Path(path)
+    if (path / MARKER).is_file():
+        _verify_sizes(path)
+        return path
+    for candidate in reversed(Checkpointer(path).complete()):
+        try:
+            _verify_sizes(candidate)
+            return candidate
+        except CheckpointError as exc:
+            log.warning("checkpoint %s is unusable (%s); trying an older one", candidate.name, exc)
+    raise CheckpointError(
+        f"{path}: neither a complete checkpoint (a step_XXXXXXXX folder with {MARKER}) "
+        "nor a run directory holding an intact one"
+    )
+
+
 def _verify_sizes(path: Path) -> None:
     try:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))

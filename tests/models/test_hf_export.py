@@ -12,7 +12,7 @@ from llm.config import Config, ConfigError
 from llm.config.defaults import YarnConfig
 from llm.models.foundation import FoundationModel
 from llm.models.hf_export import export_checkpoint, export_hf, model_from_checkpoint
-from llm.training.checkpoint import Checkpointer
+from llm.training.checkpoint import Checkpointer, CheckpointError
 
 
 def test_native_round_trip_with_peer_and_tied_embeddings(tmp_path):
@@ -92,5 +92,22 @@ def test_checkpoint_export_both_formats(tmp_path):
     assert torch.equal(FoundationModel.from_pretrained(tmp_path / "native").eval()(ids), model(ids))
     export_checkpoint(saved, tmp_path / "hf", "hf")
     torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), model(ids).detach(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match="run directory"):
+    with pytest.raises(CheckpointError, match="run directory"):
         model_from_checkpoint(tmp_path / "nothing")
+
+
+def test_find_checkpoint_skips_a_truncated_newest_checkpoint(tmp_path):
+    from llm.models.hf_export import find_checkpoint
+
+    config = Config()
+    config.model_config = tiny_config()
+    config.dataset_config.seq_len = 16
+    model = FoundationModel(config.model_config)
+    ckpt = Checkpointer(tmp_path / "run")
+    first = ckpt.save(1, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, config)
+    second = ckpt.save(2, model, torch.optim.SGD(model.parameters(), lr=0.1), {}, {}, config)
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a crash mid-copy after the marker was written
+    assert find_checkpoint(tmp_path / "run") == first  # as --resume falls back, so do analysis tools
+    with pytest.raises(CheckpointError, match="truncated"):
+        find_checkpoint(second)
