@@ -223,6 +223,9 @@ def memmap_batches(plan: LoaderPlan, logical: int, state: dict | None) -> Iterat
         yield batch, {"t": t}
 
 
+_VAL_READ_TOKENS = 1 << 20  # validation tokens read per chunk
+
+
 def memmap_val_batches(plan: LoaderPlan) -> Iterator[dict]:
     """The validation shards in order, packed and padded like the on-the-fly validation stream."""
     cfg, tok = plan.cfg, plan.tokenizer
@@ -231,13 +234,20 @@ def memmap_val_batches(plan: LoaderPlan) -> Iterator[dict]:
     if not index["validation"]:
         return
     stream = TokenStream(cfg.pretokenized_dir, index["validation"], index["dtype"])
-    tokens = torch.from_numpy(stream.read(0, stream.size))
     packer = Packer(cfg.seq_len, tok.eos_id, tok.bos_id, tok.pad_id, cfg.add_bos, 1)
-    packer.tokens = tokens.tolist()
-    packer.docs = _docs_from_eos(tokens, tok.eos_id).tolist()
-    packer.next_doc = packer.docs[-1] + 1
-    while packer.available() >= plan.batch_size:
-        yield packer.take(plan.batch_size)
+    # Read in chunks: an evaluation usually stops after eval_batches, and a whole split as Python lists
+    # would cost memory and time in proportion to its size.
+    chunk = max(_VAL_READ_TOKENS, 4 * plan.batch_size * cfg.seq_len)
+    first_doc = 0
+    for start in range(0, stream.size, chunk):
+        tokens = torch.from_numpy(stream.read(start, min(chunk, stream.size - start)).astype(np.int64))
+        docs = _docs_from_eos(tokens, tok.eos_id) + first_doc  # a document may continue from the last chunk
+        packer.tokens.extend(tokens.tolist())
+        packer.docs.extend(docs.tolist())
+        first_doc = int(docs[-1]) + int(tokens[-1] == tok.eos_id)
+        while packer.available() >= plan.batch_size:
+            yield packer.take(plan.batch_size)
+    packer.next_doc = first_doc
     last = packer.take_padded(plan.batch_size)
     if last is not None:
         yield last

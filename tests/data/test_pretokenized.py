@@ -87,6 +87,19 @@ def test_memmap_validation_and_tokenizer_check(prepared, tmp_path):
         build_train_loader(dataset_config(pretokenized_dir=str(tmp_path / "nothing")), TOK, 2)
 
 
+def test_memmap_validation_read_in_chunks_equals_one_read(prepared, monkeypatch):
+    from llm.data import pretokenized
+
+    out, _ = prepared
+    cfg = dataset_config(pretokenized_dir=str(out), seq_len=8)
+    whole = list(build_val_loader(cfg, TOK, 1))
+    monkeypatch.setattr(pretokenized, "_VAL_READ_TOKENS", 5)  # chunk = max(5, 4 * 1 * 8) = 32 tokens
+    chunked = list(build_val_loader(cfg, TOK, 1))
+    assert len(whole) == len(chunked) > 4
+    for a, b in zip(whole, chunked, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "doc_ids"))
+
+
 def test_prepare_data_script(tmp_path, capsys):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
     import prepare_data
