@@ -11,7 +11,6 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,15 +100,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     t = values.detach().to(_collective_device()).clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.to(values.device)
-
-
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _collective_device() -> torch.device:
