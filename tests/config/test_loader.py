@@ -98,7 +98,7 @@ def test_cli_unknown_key_is_one_line_with_suggestion():
     proc = subprocess.run(
         [sys.executable, "scripts/train.py", "--config", "configs/config.yaml",
          "--set", "model_config.peer_config.num_expertz=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()

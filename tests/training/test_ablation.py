@@ -157,13 +157,13 @@ def _study(out, *extra):
                           "train_config.log_interval=2", "eval_config.sample_tokens=0", AXES)  # fmt: skip
     cmd = [PYTHON, SCRIPT, "--base-config", TINY, *[a for s in sets for a in ("--set", s)], "--output-dir", str(out)]
     env = {k: v for k, v in script_env().items() if k != "CUDA_VISIBLE_DEVICES"}
-    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*cmd, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _resume(out):
     env = {k: v for k, v in script_env().items() if k != "CUDA_VISIBLE_DEVICES"}
     cmd = [PYTHON, SCRIPT, "--resume", "--output-dir", str(out), "--gpus", "2"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_tiny_study_ranks_runs_and_resume_reruns_only_what_is_missing(tmp_path):

@@ -146,7 +146,7 @@ def test_crash_during_write_leaves_previous_loadable(tmp_path):
         _save(cp, 2, model, opt)
         """
     )
-    proc = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([PYTHON, "-c", code], cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 9, proc.stderr
     cp = Checkpointer(tmp_path)
     assert list(cp.root.glob(".tmp_step_00000002"))  # the half-written one is there, but not a checkpoint

@@ -17,7 +17,7 @@ def _torchrun(run, *extra, resume=()):
            str(ROOT / "tests" / "training" / "ddp_probe.py"), *resume, str(ROOT / "configs" / "tiny.yaml"),
            *tiny_overrides(run, "train_config.max_steps=4", "train_config.log_interval=1", "eval_config.sample_tokens=4",
                            *extra)]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=120)
+    return subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
