@@ -6,10 +6,11 @@ Split from ``ablation.py`` (planning and running); this module only reads run fo
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from llm.training.metrics import read_jsonl
 
 if TYPE_CHECKING:
     from llm.training.ablation import Study
@@ -19,13 +20,7 @@ BASE = "(base)"  # coordinate of an axis none of whose variants equals the base 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     """Summary of ``metrics.jsonl``: final held-out loss, train loss (mean of the last 5 logs), speed."""
-    records = []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a torn last line from a killed run
+    records = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in records if isinstance(r.get("loss"), (int, float))]
     val = [r for r in records if "val_loss" in r]
     speeds = [r["tokens_per_s"] for r in train if isinstance(r.get("tokens_per_s"), (int, float))]

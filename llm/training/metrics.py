@@ -70,6 +70,18 @@ class NullLogger:
         return None
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file (none if it is missing), skipping a torn last line from a killed run."""
+    path = Path(path)
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class JsonlLogger:
     """Appends one JSON object per ``log`` call to ``path`` (numbers and strings; NaN written as null).
 
@@ -80,13 +92,8 @@ class JsonlLogger:
     def __init__(self, path: str | Path, keep_until_step: int | None = None) -> None:
         self.path = Path(path)
         kept: list[str] = []
-        if keep_until_step is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= keep_until_step:
-                        kept.append(line)
-                except ValueError:
-                    continue  # a torn last line from a killed run
+        if keep_until_step is not None:
+            kept = [json.dumps(r) for r in read_jsonl(self.path) if r.get("step", 0) <= keep_until_step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         tmp.replace(self.path)
