@@ -129,7 +129,7 @@ def triton_launches(h: int, sweep: bool) -> list[dict]:
     configs = [dict()]
     if sweep:
         if h <= 16:
-            launch, splits = [(16, 32, 4, 2), (16, 32, 4, 3), (16, 16, 4, 3), (16, 64, 8, 2)], (6, 8, 12, 16)
+            launch, splits = [(16, 64, 8, 2), (16, 32, 4, 2), (16, 32, 4, 3), (16, 64, 8, 3)], (6, 8, 12, 16)
         else:
             launch, splits = [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 4, 2)], (2, 3, 4)
         configs += [

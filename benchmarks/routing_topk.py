@@ -1,6 +1,6 @@
 """Routing on the GPU: top-k and merge kernels vs torch, launch sweep, and a profile of the PEER layer.
 
-    python benchmarks/routing_topk.py [--profile-out FILE] [--no-sweep]
+    python benchmarks/routing_topk.py [--profile-out FILE] [--no-sweep] [--fused CONFIGS]
 
 Rows are (token, head) pairs at the paper's size (T=4096, H=8): 32768 rows of 1024 sub-key scores, k=16,
 and the 32768 x (16 x 16) merge. Times are CUDA-event medians (triton.testing.do_bench). The profile is
@@ -51,6 +51,51 @@ def merge_bench() -> None:
     ms_k = bench(lambda: merge_topk_triton(a, a_ids, b, b_pos, n, k))
     ms_r = bench(lambda: merge_topk_reference(a, a_ids, b, b_pos, n, k))
     print(f"merge R={R} 16x16 -> {k}: kernel {ms_k:.3f} ms, torch reference {ms_r:.3f} ms, exact={exact}")
+
+
+def fused_sweep(configs) -> None:
+    """Paper size (T=4096, H=8, 2 x 1024 sub-keys of 64, k=16): the unfused routing forward (fp32 score
+    GEMMs, per-part top-k, merge) against the fused kernel's launch configurations (block_t, warps).
+
+    Agreement with the unfused path on Gaussian data (ids equal per slot; values to rounding), exact
+    equality on small-integer data (scores exact in every precision), and the share of programs whose
+    candidates overflowed into the slow path.
+    """
+    from llm.models import product_keys
+    from llm.ops.triton_retrieval import fused_programs, fused_retrieval
+
+    T, H, n, q, K = 4096, 8, 1024, 64, 16
+    q_THQ = torch.randn(T, H, 2 * q, device="cuda")
+    keys = [torch.randn(H, n, q, device="cuda") / q**0.5 for _ in range(2)]
+    q_int = torch.randint(-2, 3, (T, H, 2 * q), device="cuda").float()
+    keys_int = [torch.randint(-2, 3, (H, n, q), device="cuda").float() for _ in range(2)]
+
+    def unfused(qq, kk):
+        return product_keys.product_topk(product_keys.subkey_scores_from_queries(qq, kk), K)
+
+    ref_vals, ref_ids = unfused(q_THQ, keys)
+    ref_int = unfused(q_int, keys_int)
+    print(f"fused retrieval T={T} H={H} n={n} q={q} k={K}: unfused {bench(lambda: unfused(q_THQ, keys)):.3f} ms")
+    for block_t, warps in configs:
+        flags = torch.zeros(fused_programs(T, H, block_t), dtype=torch.int32, device="cuda")
+        flags_int = torch.zeros_like(flags)
+
+        def run(qq=q_THQ, kk=keys, bt=block_t, w=warps, fl=flags):
+            return fused_retrieval(qq, kk, K, block_t=bt, num_warps=w, slow_flags=fl)
+
+        try:
+            vals, ids = run()
+            exact_int = all(torch.equal(a, b) for a, b in zip(run(q_int, keys_int, fl=flags_int), ref_int, strict=True))
+            ms = bench(run)
+        except Exception as exc:  # a launch that does not compile (registers, shared memory) is reported
+            print(f"fused block_t={block_t} warps={warps}: FAILED {exc!r:.300}")
+            continue
+        same = (ids == ref_ids).float().mean().item()
+        dv = (vals - ref_vals).abs().max().item()
+        slow = (flags != 0).float().mean().item()
+        slow_int = (flags_int != 0).float().mean().item()
+        print(f"fused block_t={block_t:3d} warps={warps}: {ms:.3f} ms; ids equal {same:.5f}, max|dval| {dv:.1e}, "
+              f"slow-path programs {slow:.3f}; integer data: exact {exact_int}, slow {slow_int:.3f}")  # fmt: skip
 
 
 def check_routing_backward() -> None:
@@ -142,12 +187,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile-out", default="", help="write a profiler table of the layer fwd+bwd here")
     ap.add_argument("--no-sweep", action="store_true", help="skip the top-k / merge timings")
+    ap.add_argument("--fused", default="64,4", help="fused-kernel launches to time: ';'-separated "
+                    "block_t,warps ('' for none)")  # fmt: skip
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     if not args.no_sweep:
         topk_sweep(32768, 1024, 16)
         topk_sweep(32768, 256, 16)
         merge_bench()
+    if args.fused:
+        fused_sweep([tuple(int(v) for v in c.split(",")) for c in args.fused.split(";")])
     check_routing_backward()
     sync_check()
     if args.profile_out:

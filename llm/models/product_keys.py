@@ -34,7 +34,13 @@ from llm.ops.triton_peer_routing import (
     segment_rows_triton,
     weighted_gather_triton,
 )
+from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
 from llm.ops.triton_topk import kernel_applies, topk, topk_positions
+
+# Two-part retrieval on CUDA can run as one fused kernel (scores, per-part top-k and merge; see
+# llm/ops/triton_retrieval.py). Off: on an H100 it measured slower than the unfused kernels (1.37 vs
+# 1.29 ms at the paper's size, benchmarks/RESULTS.md); benchmarks turn it on to compare.
+FUSED_RETRIEVAL = False
 
 
 def _select(scores_RC: Tensor, ids_RC: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -157,9 +163,12 @@ class _ProductKeyRetrieval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k: int, q_THQ: Tensor, *sub_keys: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            parts = subkey_scores_from_queries(q_THQ, sub_keys)
-            scores_THK, ids_THK = product_topk(parts, k)
-            del parts
+            if FUSED_RETRIEVAL and fused_retrieval_applies(q_THQ, sub_keys, k):
+                scores_THK, ids_THK = fused_retrieval(q_THQ, sub_keys, k)
+            else:
+                parts = subkey_scores_from_queries(q_THQ, sub_keys)
+                scores_THK, ids_THK = product_topk(parts, k)
+                del parts
         ctx.save_for_backward(q_THQ, ids_THK, *sub_keys)
         ctx.mark_non_differentiable(ids_THK)
         return scores_THK, ids_THK
@@ -220,7 +229,9 @@ def retrieve_topk(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Te
         k: experts per head, ``1 <= k <= prod(n_p)``.
 
     Returns:
-        scores (T, H, k), equal to ``product_topk(subkey_scores_from_queries(q_THQ, sub_keys), k)``'s;
+        scores (T, H, k), equal to ``product_topk(subkey_scores_from_queries(q_THQ, sub_keys), k)``'s
+        (on CUDA with two fp32 parts, the fused kernel's, whose score dots round differently: see
+        ``llm/ops/triton_retrieval.py``);
         ids (T, H, k) int64 flat ids (row-major over the parts), ties to the lower id. The backward
         touches only the selected sub-keys (see ``_ProductKeyRetrieval``).
     """

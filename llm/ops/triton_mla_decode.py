@@ -122,12 +122,12 @@ def _pow2(n: int, floor: int = 16) -> int:
 def default_num_splits(programs: int, total: int, block_m: int, device: torch.device) -> int:
     """Sequence slices per (batch, row block) program.
 
-    With small row blocks several programs per SM keep enough loads in flight (H200, H=16, B=64: 8 slices
-    2.52 TB/s, 6 slices 2.35 TB/s at the same launch settings); 64-row blocks hold more registers, so fewer
-    fit and about two per SM measured best (H=128: 2 slices 0.99 TB/s, 4 slices 0.90).
+    With small row blocks several programs per SM keep enough loads in flight (H100, H=16, B=64, 64-token
+    blocks: 12 slices 2.25 TB/s, 8 slices 1.99, 16 slices 2.07); 64-row blocks hold more registers, so fewer
+    fit and about two per SM measured best (H100, H=128: 2 slices 0.95 TB/s, 4 slices 0.87).
     """
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    per_sm = 4 if block_m <= 16 else 2
+    per_sm = 6 if block_m <= 16 else 2
     return max(1, min(16, round(per_sm * sms / programs), triton.cdiv(total, 16)))
 
 
@@ -149,14 +149,14 @@ def mla_decode_triton(
     q (B, Tq, H, C) = [absorbed q_nope | roped q_pe]; kv (pages, 64, 1, C) paged cache already holding the
     new tokens; block_table (B, pages per sequence) int32. Returns (B, Tq, H, L) in q's dtype.
     num_splits: sequence slices per (batch, row block); None: ``default_num_splits``.
-    block_m / block_n / num_warps: None picks settings that measured near-best on an H200 (benchmarks/mla.py,
-    RESULTS.md): 16 rows, 32 tokens, 4 warps for up to 16 query rows; 64 rows, 64 tokens, 8 warps beyond.
+    block_m / block_n / num_warps: None picks the settings that measured best on an H100 (benchmarks/mla.py,
+    RESULTS.md): 16 rows for up to 16 query rows, else 64; 64 tokens; 8 warps.
     """
     b, tq, h, c = q.shape
     small = tq * h <= 16
     block_m = block_m or (16 if small else 64)
-    block_n = block_n or (32 if small else 64)
-    num_warps = num_warps or (4 if block_m <= 16 else 8)
+    block_n = block_n or 64
+    num_warps = num_warps or 8
     assert kv.shape[1] == PAGE and kv.shape[-1] == c, "kv must be (pages, 64, 1, L + R)"
     assert PAGE % block_n == 0, "a block of tokens must not straddle pages"
     rope = c - kv_lora_rank

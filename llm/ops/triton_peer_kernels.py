@@ -29,7 +29,8 @@ With no atomics every sum has a fixed order; ``deterministic=True`` also asks to
 the order within a row (and the bits of its gradient) does not depend on the sort implementation.
 No host sync: segments are found on the device and pass B's grid is the upper bound T*E (programs past
 the real count R exit). Sparse gradients need R on the host to size their buffers: it is copied
-asynchronously right after the sort and read only after pass A is queued, so the GPU keeps working
+asynchronously right after the sort and read only after passes A and B are queued (B's buffers are sized
+by an estimate from earlier calls and sliced to R afterwards; ``_row_capacity``), so the GPU keeps working
 through the wait (torch's sync debug mode reports no synchronizing call).
 """
 
@@ -207,6 +208,7 @@ def _peer_bwd_row_kernel(
     seg_start_ptr,  # (>= R + 1,) int64 segment boundaries into perm (entries past R: all T*E)
     rows_ptr,  # (>= R,) int64 table row of each segment (destination of dense grads)
     count_ptr,  # (1,) int64 R, the number of segments (programs past it write nothing)
+    cap,  # rows the output holds (sparse: programs at or past it write nothing either)
     cu_ptr,  # (T*E,) fp32, in sorted order
     cv_ptr,  # (T*E,) fp32, in sorted order
     cg_ptr,  # (T*E,) fp32, in sorted order, or dummy
@@ -224,7 +226,7 @@ def _peer_bwd_row_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     # The grid may be an upper bound on R (no host read of R): programs past it store nothing, and
     # their segments are empty (start = end = T*E), so they only load two boundaries.
-    mask_d = offs_d < tl.where(r < tl.load(count_ptr), D, 0)
+    mask_d = offs_d < tl.where((r < tl.load(count_ptr)) & (r < cap), D, 0)
     start = tl.load(seg_start_ptr + r)
     end = tl.load(seg_start_ptr + r + 1)
     du = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -358,8 +360,8 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
 class RowCount:
     """R read back to the host without stalling the GPU: an async copy started right after the sort.
 
-    The host waits on the copy only when pass B needs R (sparse gradients size their buffers by it), by
-    which time pass A is queued behind the sort, so the GPU keeps working through the wait.
+    The host waits on the copy only after pass B is queued (sparse gradients slice their buffers to R),
+    by which time passes A and B are queued behind the sort, so the GPU keeps working through the wait.
     """
 
     def __init__(self, count: torch.Tensor) -> None:
@@ -378,6 +380,27 @@ class RowCount:
         return int(self.host[0])
 
 
+# Sparse pass B sizes its buffers before R reaches the host: by a decaying maximum of the row counts
+# seen for the same (entries, rows) shape, plus a margin; the first call (and any call over the
+# estimate) falls back to exact sizes. Keyed by shape, so the layers of a model share one estimate.
+_ROW_ESTIMATES: dict[tuple[int, int], float] = {}
+_ROW_MARGIN = 1.125
+_ROW_SLACK = 64
+_ROW_DECAY = 0.98
+
+
+def _row_capacity(key: tuple[int, int], entries: int, table_rows: int) -> int:
+    """Rows to allocate for sparse pass B: the estimate for this shape, at most the upper bound."""
+    upper = min(entries, table_rows)
+    estimate = _ROW_ESTIMATES.get(key)
+    return upper if estimate is None else min(upper, int(estimate))
+
+
+def _record_rows(key: tuple[int, int], count: int) -> None:
+    previous = _ROW_ESTIMATES.get(key, 0.0)
+    _ROW_ESTIMATES[key] = max(previous * _ROW_DECAY, count * _ROW_MARGIN + _ROW_SLACK)
+
+
 def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables, sparse_grad, num_rows=None):
     """Pass B (row-major): each touched row's gradient reduced over its segment and written once.
 
@@ -391,29 +414,46 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables
     N, M, _ = tables[0].shape
     E = cu.shape[1]
     glu = tables[2] is not None
-    if sparse_grad:
-        assert num_rows is not None, "sparse_grad needs the number of touched rows (int or RowCount)"
-        R = grid = num_rows if isinstance(num_rows, int) else num_rows.get()
-    else:
-        R, grid = None, T * E
-    # Compact rows: ascending, and every unit of a touched expert is touched, so position r holds row
-    # rows[r] and the buffer views as (R // M, M, D) experts. Dense: zeros plus one write per touched row.
-    shape, alloc = ((R, D), torch.empty) if sparse_grad else ((N * M, D), torch.zeros)
-    grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
     coefs = [c.view(-1)[perm] if c is not None else None for c in (cu, cv, cg)]  # (T*E,) in sorted order
-    block_d = triton.next_power_of_2(D)
-    block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
-    if grid > 0:
-        _peer_bwd_row_kernel[(grid,)](
-            x, dout, perm, seg_start, rows, count, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
-            grads[0], grads[1], grads[2] if glu else grads[0],
-            D, E, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
-        )  # fmt: skip
-    if not sparse_grad:
+
+    def pass_b(grid: int, cap: int, alloc) -> list:
+        shape = (cap, D)
+        grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
+        block_d = triton.next_power_of_2(D)
+        block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
+        if grid > 0:
+            _peer_bwd_row_kernel[(grid,)](
+                x, dout, perm, seg_start, rows, count, cap, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
+                grads[0], grads[1], grads[2] if glu else grads[0],
+                D, E, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
+            )  # fmt: skip
+        return grads
+
+    if not sparse_grad:  # zeros plus one write per touched row; the grid is the upper bound T*E
+        grads = pass_b(T * E, N * M, torch.zeros)
         return tuple(gr.view(N, M, D) if gr is not None else None for gr in grads)
+    assert num_rows is not None, "sparse_grad needs the number of touched rows (int or RowCount)"
+    # Compact rows: ascending, and every unit of a touched expert is touched, so position r holds row
+    # rows[r] and the buffer views as (R // M, M, D) experts.
+    if isinstance(num_rows, int):  # R known on the host: exact buffers and grid
+        R = num_rows
+        grads = pass_b(R, R, torch.empty)
+    else:
+        # R is still on its way to the host: pass B is queued first (so the host's wait for R overlaps
+        # passes A and B), into buffers sized by the recent row counts of this shape (``_row_capacity``);
+        # the rare call that touches more rows runs pass B again into exact buffers.
+        key = (T * E, N * M)
+        cap = _row_capacity(key, T * E, N * M)
+        grads = pass_b(T * E, cap, torch.empty)
+        R = num_rows.get()
+        _record_rows(key, R)
+        if R > cap:
+            grads = pass_b(R, R, torch.empty)
     experts = (rows[:R:M] // M).unsqueeze(0)  # (1, R // M)
     return tuple(
-        torch.sparse_coo_tensor(experts, gr.view(R // M, M, D), (N, M, D), is_coalesced=True, check_invariants=False)
+        torch.sparse_coo_tensor(
+            experts, gr[:R].view(R // M, M, D), (N, M, D), is_coalesced=True, check_invariants=False
+        )
         if gr is not None
         else None
         for gr in grads

@@ -1,5 +1,10 @@
-"""Absorbed MLA decode: the Triton kernel (under TRITON_INTERPRET=1) against the torch reference,
-and the backend switch."""
+"""Absorbed MLA decode: the Triton kernel against the torch reference, and the backend switch.
+
+CI runs the kernel through the Triton interpreter on CPU tensors (fp32 dots, exact to 1e-5); on a GPU
+(TRITON_INTERPRET=0) it runs compiled, where fp32 dots use TF32 and the bound is a relative RMS error.
+"""
+
+import os
 
 import pytest
 import torch
@@ -8,9 +13,19 @@ from llm.models.kv_cache import MLAKVCache
 from llm.ops.mla_decode import mla_decode, mla_decode_reference, resolve_decode_backend
 from llm.ops.triton_mla_decode import mla_decode_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
 
 def rel_rms(a, b):
     return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+def assert_close_to_reference(out, ref):
+    if DEVICE == "cpu":
+        err = (out - ref).abs().max().item()
+        assert err < 1e-5, f"max abs err {err}, rel rms {rel_rms(out, ref)}"
+    else:
+        assert rel_rms(out, ref) < 5e-3
 
 
 CASES = [
@@ -25,30 +40,29 @@ CASES = [
 @pytest.mark.parametrize("b,h,lora,rope,start,tq,splits", CASES)
 def test_triton_matches_reference(b, h, lora, rope, start, tq, splits):
     torch.manual_seed(0)
-    cache = MLAKVCache(b, 140, lora, rope)
-    cache.append(torch.randn(b, start + tq, lora), torch.randn(b, start + tq, rope))
-    q = torch.randn(b, tq, h, lora + rope)
+    cache = MLAKVCache(b, 140, lora, rope, device=DEVICE)
+    cache.append(torch.randn(b, start + tq, lora).to(DEVICE), torch.randn(b, start + tq, rope).to(DEVICE))
+    q = torch.randn(b, tq, h, lora + rope).to(DEVICE)
     out = mla_decode_triton(q, cache.kv, cache.block_table, start, lora, scale=0.2, num_splits=splits)
     ref = mla_decode_reference(q, cache.latent(), start, lora, scale=0.2)
     assert out.shape == (b, tq, h, lora)
-    err = (out - ref).abs().max().item()
-    assert err < 1e-5, f"max abs err {err}, rel rms {rel_rms(out, ref)}"
+    assert_close_to_reference(out, ref)
 
 
 def test_triton_follows_a_shuffled_block_table():
     torch.manual_seed(1)
     b, h, lora, rope, n = 2, 4, 16, 16, 150
-    cache = MLAKVCache(b, n, lora, rope)
-    cache.append(torch.randn(b, n, lora), torch.randn(b, n, rope))
-    q = torch.randn(b, 1, h, lora + rope)
+    cache = MLAKVCache(b, n, lora, rope, device=DEVICE)
+    cache.append(torch.randn(b, n, lora).to(DEVICE), torch.randn(b, n, rope).to(DEVICE))
+    q = torch.randn(b, 1, h, lora + rope).to(DEVICE)
     ref = mla_decode_reference(q, cache.latent(), n - 1, lora, 0.3)
     # move the pages around and remap the table: the kernel must follow it
-    perm = torch.randperm(cache.kv.shape[0])
+    perm = torch.randperm(cache.kv.shape[0]).to(DEVICE)
     kv = torch.empty_like(cache.kv)
     kv[perm] = cache.kv
     table = perm[cache.block_table.long()].to(torch.int32)
     out = mla_decode_triton(q, kv, table, n - 1, lora, 0.3, num_splits=2)
-    assert (out - ref).abs().max().item() < 1e-5
+    assert_close_to_reference(out, ref)
 
 
 def test_reference_is_causal_among_new_tokens():
@@ -64,14 +78,15 @@ def test_reference_is_causal_among_new_tokens():
 def test_dispatch_and_backend_errors():
     cpu = torch.device("cpu")
     assert resolve_decode_backend("auto", cpu) == "torch"
-    assert resolve_decode_backend("triton", cpu) == "triton"  # TRITON_INTERPRET=1 under the tests
+    if DEVICE == "cpu":
+        assert resolve_decode_backend("triton", cpu) == "triton"  # TRITON_INTERPRET=1 under the tests
     with pytest.raises(ValueError, match="mla_config.decode_backend: got 'flash_mla'"):
         resolve_decode_backend("flash_mla", cpu)
     with pytest.raises(ValueError, match="allowed: auto"):
         resolve_decode_backend("cuda", cpu)
-    cache = MLAKVCache(1, 8, 8, 4)
-    cache.append(torch.randn(1, 5, 8), torch.randn(1, 5, 4))
-    q = torch.randn(1, 1, 2, 12)
+    cache = MLAKVCache(1, 8, 8, 4, device=DEVICE)
+    cache.append(torch.randn(1, 5, 8).to(DEVICE), torch.randn(1, 5, 4).to(DEVICE))
+    q = torch.randn(1, 1, 2, 12).to(DEVICE)
     a = mla_decode(q, cache, 4, 0.3, "torch")
     t = mla_decode(q, cache, 4, 0.3, "triton")
-    assert torch.allclose(a, t, atol=1e-5)
+    assert_close_to_reference(t, a)

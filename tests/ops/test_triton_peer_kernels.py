@@ -114,6 +114,26 @@ def test_sparse_grads_equal_dense_grads_and_hold_only_touched_experts():
         assert torch.equal(leaf.grad.to_dense(), want)
 
 
+def test_sparse_grads_when_the_row_estimate_is_too_small(monkeypatch):
+    """Pass B's sparse buffers are sized by the row counts of earlier calls; a call touching more rows
+    than that estimate must rerun pass B into exact buffers and still equal the dense gradients."""
+    monkeypatch.setattr(tpk, "_ROW_ESTIMATES", {})
+    monkeypatch.setattr(tpk, "_ROW_SLACK", 0)
+    T, H, K, N, M, D = 6, 2, 2, 40, 1, 20
+    x, few, scores, tables, dout = make_inputs(T, H, K, N, M, D, False, "repeats", torch.float32)
+    few = torch.zeros_like(few) + torch.arange(K, device=few.device)  # 2 rows touched: a small estimate
+    many = torch.randperm(N)[: T * H * K].view(T, H, K).to(few.device)  # 24 distinct rows
+    for indices, touched in ((few, 2), (many, T * H * K)):
+        if indices is many:  # the estimate from the first call (2 rows, x 1.125) is below 24 rows
+            assert tpk._row_capacity((T * H * K * M, N * M), T * H * K * M, N * M) < touched
+        _, dense = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")
+        _, sparse = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", sparse_grad=True)
+        for got, want in zip(sparse[2:], dense[2:], strict=True):
+            assert torch.equal(got, want)
+        (estimate,) = tpk._ROW_ESTIMATES.values()
+        assert estimate >= touched * M  # the estimate follows the largest recent count
+
+
 def test_backward_is_bitwise_reproducible_with_a_hot_expert():
     x, indices, scores, tables, dout = make_inputs(12, 2, 4, 8, 1, 36, False, "hot", torch.float32)
     _, first = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", deterministic=True)
