@@ -200,9 +200,9 @@ def run_layers(rows, size, peer_pytorch_dir):
     layers["ours (triton)"] = lambda: PEER(D, cfg)
     # table_optimizer sparse_adam makes the layer return row-sparse table gradients (no dense zeroing)
     layers["ours (triton, sparse table grads)"] = lambda: PEER(D, replace(cfg, table_optimizer="sparse_adam"))
-    # the same, with the routing forward fused into one kernel (llm/ops/triton_retrieval.py)
-    fused = "ours (triton, sparse table grads, fused routing)"
-    layers[fused] = layers["ours (triton, sparse table grads)"]
+    # the same, with the routing forward unfused (score GEMMs, per-part top-k, merge: three kernels)
+    unfused = "ours (triton, sparse table grads, unfused routing)"
+    layers[unfused] = layers["ours (triton, sparse table grads)"]
     layers["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
     if peer_pytorch_dir:
         sys.path.insert(0, str(Path(peer_pytorch_dir).resolve()))
@@ -214,7 +214,7 @@ def run_layers(rows, size, peer_pytorch_dir):
     layers[f"dense SwiGLU f={f_equal} (equal active params)"] = lambda: SwiGLU(D, f_equal)
     layers[f"dense SwiGLU f={4 * D}"] = lambda: SwiGLU(D, 4 * D)
     for name, build in layers.items():
-        product_keys.FUSED_RETRIEVAL = name == fused
+        product_keys.FUSED_RETRIEVAL = name != unfused
         with torch.device("cuda"):  # initialise the 2^20-row tables on the GPU, not the CPU
             layer = build().to(dtype=torch.bfloat16)
         params = [p for p in layer.parameters() if p.requires_grad]
@@ -247,7 +247,7 @@ def run_layers(rows, size, peer_pytorch_dir):
         rows.append(Row(size, "layer fwd+bwd", name, both, None, peak))
         del layer, params
         torch.cuda.empty_cache()
-    product_keys.FUSED_RETRIEVAL = False
+    product_keys.FUSED_RETRIEVAL = True
 
 
 def run_optimizer(rows, size):

@@ -55,14 +55,13 @@ def merge_bench() -> None:
 
 def fused_sweep(configs) -> None:
     """Paper size (T=4096, H=8, 2 x 1024 sub-keys of 64, k=16): the unfused routing forward (fp32 score
-    GEMMs, per-part top-k, merge) against the fused kernel's launch configurations (block_t, warps).
+    GEMMs, per-part top-k, merge) against the fused kernel's launches (block_t, block_n, warps).
 
-    Agreement with the unfused path on Gaussian data (ids equal per slot; values to rounding), exact
-    equality on small-integer data (scores exact in every precision), and the share of programs whose
-    candidates overflowed into the slow path.
+    Agreement with the unfused path on Gaussian data (ids equal per slot; values to rounding), and exact
+    equality on small-integer data (scores exact in every precision).
     """
     from llm.models import product_keys
-    from llm.ops.triton_retrieval import fused_programs, fused_retrieval
+    from llm.ops.triton_retrieval import fused_retrieval
 
     T, H, n, q, K = 4096, 8, 1024, 64, 16
     q_THQ = torch.randn(T, H, 2 * q, device="cuda")
@@ -76,26 +75,22 @@ def fused_sweep(configs) -> None:
     ref_vals, ref_ids = unfused(q_THQ, keys)
     ref_int = unfused(q_int, keys_int)
     print(f"fused retrieval T={T} H={H} n={n} q={q} k={K}: unfused {bench(lambda: unfused(q_THQ, keys)):.3f} ms")
-    for block_t, warps in configs:
-        flags = torch.zeros(fused_programs(T, H, block_t), dtype=torch.int32, device="cuda")
-        flags_int = torch.zeros_like(flags)
+    for block_t, block_n, warps in configs:
 
-        def run(qq=q_THQ, kk=keys, bt=block_t, w=warps, fl=flags):
-            return fused_retrieval(qq, kk, K, block_t=bt, num_warps=w, slow_flags=fl)
+        def run(qq=q_THQ, kk=keys, bt=block_t, bn=block_n, w=warps):
+            return fused_retrieval(qq, kk, K, block_t=bt, block_n=bn, num_warps=w)
 
         try:
             vals, ids = run()
-            exact_int = all(torch.equal(a, b) for a, b in zip(run(q_int, keys_int, fl=flags_int), ref_int, strict=True))
+            exact_int = all(torch.equal(a, b) for a, b in zip(run(q_int, keys_int), ref_int, strict=True))
             ms = bench(run)
         except Exception as exc:  # a launch that does not compile (registers, shared memory) is reported
-            print(f"fused block_t={block_t} warps={warps}: FAILED {exc!r:.300}")
+            print(f"fused block_t={block_t} block_n={block_n} warps={warps}: FAILED {exc!r:.300}")
             continue
         same = (ids == ref_ids).float().mean().item()
         dv = (vals - ref_vals).abs().max().item()
-        slow = (flags != 0).float().mean().item()
-        slow_int = (flags_int != 0).float().mean().item()
-        print(f"fused block_t={block_t:3d} warps={warps}: {ms:.3f} ms; ids equal {same:.5f}, max|dval| {dv:.1e}, "
-              f"slow-path programs {slow:.3f}; integer data: exact {exact_int}, slow {slow_int:.3f}")  # fmt: skip
+        print(f"fused block_t={block_t:3d} block_n={block_n:4d} warps={warps}: {ms:.3f} ms; ids equal {same:.5f}, "
+              f"max|dval| {dv:.1e}; integer data exact {exact_int}")  # fmt: skip
 
 
 def check_routing_backward() -> None:
@@ -187,8 +182,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile-out", default="", help="write a profiler table of the layer fwd+bwd here")
     ap.add_argument("--no-sweep", action="store_true", help="skip the top-k / merge timings")
-    ap.add_argument("--fused", default="64,4", help="fused-kernel launches to time: ';'-separated "
-                    "block_t,warps ('' for none)")  # fmt: skip
+    ap.add_argument("--fused", default="64,64,4", help="fused-kernel launches to time: ';'-separated "
+                    "block_t,block_n,warps ('' for none)")  # fmt: skip
     args = ap.parse_args()
     print(torch.cuda.get_device_name())
     if not args.no_sweep:

@@ -37,10 +37,10 @@ from llm.ops.triton_peer_routing import (
 from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
 from llm.ops.triton_topk import kernel_applies, topk, topk_positions
 
-# Two-part retrieval on CUDA can run as one fused kernel (scores, per-part top-k and merge; see
-# llm/ops/triton_retrieval.py). Off: on an H100 it measured slower than the unfused kernels (1.37 vs
-# 1.29 ms at the paper's size, benchmarks/RESULTS.md); benchmarks turn it on to compare.
-FUSED_RETRIEVAL = False
+# Two-part retrieval on CUDA runs as one fused kernel (scores, per-part top-k and merge; see
+# llm/ops/triton_retrieval.py): 0.98 vs 1.29 ms for the unfused kernels at the paper's size on an H100
+# (benchmarks/RESULTS.md). Benchmarks turn it off to compare.
+FUSED_RETRIEVAL = True
 
 
 def _select(scores_RC: Tensor, ids_RC: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
@@ -230,7 +230,7 @@ def retrieve_topk(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Te
 
     Returns:
         scores (T, H, k), equal to ``product_topk(subkey_scores_from_queries(q_THQ, sub_keys), k)``'s
-        (on CUDA with two fp32 parts, the fused kernel's, whose score dots round differently: see
+        (on CUDA with two fp32 parts: the fused kernel's, whose score dots round differently; see
         ``llm/ops/triton_retrieval.py``);
         ids (T, H, k) int64 flat ids (row-major over the parts), ties to the lower id. The backward
         touches only the selected sub-keys (see ``_ProductKeyRetrieval``).

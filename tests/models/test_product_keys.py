@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llm.models import product_keys
 from llm.models.product_keys import brute_force_topk, product_topk, retrieve_topk, subkey_scores_from_queries
+from llm.ops import triton_retrieval
 
 
 def python_brute_force(parts, k):
@@ -125,3 +127,29 @@ def test_retrieve_topk_equals_product_topk_with_same_gradients(shared):
     want = torch.autograd.grad((want_scores * weight).sum(), [q_THQ, *keys])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(triton_retrieval.triton is None, reason="triton is not installed")
+def test_retrieve_topk_through_the_fused_kernel(monkeypatch):
+    """Two fp32 parts take the fused kernel where it applies (CUDA; forced here on the interpreter's CPU
+    tensors): same experts and scores as the unfused path on exact integer scores, same gradients."""
+    calls = []
+
+    def applies_and_count(*args):
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(product_keys, "fused_retrieval_applies", applies_and_count)
+    gen = torch.Generator().manual_seed(5)
+    T, H, q, n, k = 9, 2, 16, 40, 6
+    q_THQ = torch.randint(-2, 3, (T, H, 2 * q), generator=gen).float().requires_grad_()
+    keys = [torch.randint(-2, 3, (H, n, q), generator=gen).float().requires_grad_() for _ in range(2)]
+    scores, ids = retrieve_topk(q_THQ, keys, k)
+    assert calls
+    want_scores, want_ids = product_topk(subkey_scores_from_queries(q_THQ, keys), k)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
+    weight = torch.randn(T, H, k, generator=gen)
+    got = torch.autograd.grad((scores * weight).sum(), [q_THQ, *keys])
+    want = torch.autograd.grad((want_scores * weight).sum(), [q_THQ, *keys])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

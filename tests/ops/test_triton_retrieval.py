@@ -13,12 +13,7 @@ import pytest
 import torch
 
 from llm.ops import triton_retrieval
-from llm.ops.triton_retrieval import (
-    fused_programs,
-    fused_retrieval,
-    fused_retrieval_applies,
-    fused_retrieval_reference,
-)
+from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies, fused_retrieval_reference
 
 pytestmark = pytest.mark.skipif(triton_retrieval.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
@@ -36,62 +31,42 @@ def _inputs(T, H, q, n0, n1, per_head, integer, seed):
     return draw(T, H, 2 * q), [draw(*lead, n0, q), draw(*lead, n1, q)]
 
 
-# (T, H, q, n0, n1, k, per_head): parts wider than the candidate slots (threshold and compaction;
-# small-integer scores tie a lot, so some blocks overflow the slots and take the exact slow path), sizes
-# that are not powers of two, parts smaller than k (4 x 4 experts, k = 16: every expert), k = 1 and
-# k = 5, T not a multiple of the token block.
+# (T, H, q, n0, n1, k, per_head, block_n): several chunks per part (n > block_n), sizes that are not
+# powers of two, parts smaller than k (4 x 4 experts, k = 16: every expert), k = 1 and k = 5, T not a
+# multiple of the token block.
 CASES = [
-    (21, 1, 16, 300, 40, 8, True),
-    (5, 1, 16, 4, 4, 16, False),
-    (9, 2, 16, 33, 17, 5, False),
-    (7, 1, 16, 200, 3, 1, True),
+    (21, 1, 16, 70, 40, 16, True, 32),
+    (5, 1, 16, 4, 4, 16, False, 16),
+    (9, 2, 16, 33, 17, 5, False, 16),
+    (7, 1, 16, 50, 3, 1, True, 32),
 ]
 
 
-def _run(q_THQ, keys, k):
-    """fused_retrieval on DEVICE with 16-token blocks -> (vals, ids, slow-path flags per program)."""
-    flags = torch.zeros(fused_programs(q_THQ.shape[0], q_THQ.shape[1], 16), dtype=torch.int32, device=DEVICE)
-    vals, ids = fused_retrieval(q_THQ.to(DEVICE), [t.to(DEVICE) for t in keys], k, block_t=16, slow_flags=flags)
-    return vals.cpu(), ids.cpu(), flags.cpu()
+def _run(q_THQ, keys, k, block_n):
+    vals, ids = fused_retrieval(q_THQ.to(DEVICE), [t.to(DEVICE) for t in keys], k, block_t=16, block_n=block_n)
+    return vals.cpu(), ids.cpu()
 
 
-@pytest.mark.parametrize("T,H,q,n0,n1,k,per_head", CASES, ids=str)
-def test_integer_scores_match_reference_exactly(T, H, q, n0, n1, k, per_head):
+@pytest.mark.parametrize("T,H,q,n0,n1,k,per_head,block_n", CASES, ids=str)
+def test_integer_scores_match_reference_exactly(T, H, q, n0, n1, k, per_head, block_n):
     q_THQ, keys = _inputs(T, H, q, n0, n1, per_head, integer=True, seed=T + n0 + k)
-    vals, ids, _ = _run(q_THQ, keys, k)
+    vals, ids = _run(q_THQ, keys, k, block_n)
     want = fused_retrieval_reference(q_THQ, keys, k)
     assert torch.equal(ids, want[1])
     assert torch.equal(vals, want[0])
 
 
-def test_all_tied_scores_take_the_slow_path_and_the_lowest_ids():
-    """Zero queries tie every sub-key: no threshold leaves few candidates, so every block runs the slow
-    path, which must still return the k lowest flat ids (the tie rule)."""
-    q_THQ, keys = _inputs(20, 1, 16, 300, 300, per_head=False, integer=True, seed=1)
-    vals, ids, flags = _run(torch.zeros_like(q_THQ), keys, 8)
-    assert (flags == 3).all()
+def test_all_tied_scores_return_the_lowest_ids():
+    q_THQ, keys = _inputs(20, 1, 16, 50, 40, per_head=False, integer=True, seed=1)
+    vals, ids = _run(torch.zeros_like(q_THQ), keys, 8, 16)
     assert torch.equal(ids, torch.arange(8).expand(20, 1, 8))
     assert (vals == 0).all()
 
 
-def test_slow_path_matches_reference_on_tied_binary_scores():
-    """Sparse 0/1 queries and sub-keys: scores are small integers with many ties at the threshold, so
-    the candidates overflow the slots and the slow path runs on non-trivial scores."""
-    gen = torch.Generator().manual_seed(0)
-    q_THQ = (torch.rand(16, 1, 32, generator=gen) < 0.15).float()
-    keys = [(torch.rand(n, 16, generator=gen) < 0.5).float() for n in (300, 260)]
-    vals, ids, flags = _run(q_THQ, keys, 8)
-    assert (flags != 0).all()
-    want = fused_retrieval_reference(q_THQ, keys, 8)
-    assert torch.equal(ids, want[1])
-    assert torch.equal(vals, want[0])
-
-
 def test_gaussian_scores_match_reference_to_rounding():
-    T, H, q, n, k = 16, 2, 32, 256, 8  # 256 sub-keys, k = 8: 16 chunks of 16, threshold + candidates
+    T, H, q, n, k = 16, 2, 32, 96, 16
     q_THQ, keys = _inputs(T, H, q, n, n, per_head=True, integer=False, seed=3)
-    vals, ids, flags = _run(q_THQ, keys, k)
-    assert (flags == 0).all()  # Gaussian scores: the candidates above the threshold fit (fast path)
+    vals, ids = _run(q_THQ, keys, k, 64)
     want_vals, want_ids = fused_retrieval_reference(q_THQ, keys, k)
     torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-5)
     # Each returned id really scores its returned value (recomputed the unfused way).
