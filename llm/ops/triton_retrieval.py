@@ -43,8 +43,9 @@ try:  # Triton is an optional dependency (the dev extra, or a CUDA install of to
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-# Largest k the fused kernel takes: its merge grid holds KP * KP int64 keys per token in registers.
-MAX_FUSED_K = 32
+# Largest k the fused kernel takes: its merge grid holds KP * KP int64 keys per token in registers
+# (BLOCK_T x 256 at k = 16, the largest measured; larger k runs the unfused kernels).
+MAX_FUSED_K = 16
 # Query widths of one part the dot accepts (tl.dot needs an inner size >= 16; powers of two keep the
 # tile unmasked).
 FUSED_PART_WIDTHS = (16, 32, 64, 128)
@@ -152,8 +153,8 @@ if triton is not None:
 def fused_retrieval_applies(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> bool:
     """True where ``fused_retrieval`` runs the kernel: CUDA fp32, two parts of one supported width,
     k <= MAX_FUSED_K, and flat ids that fit the packed keys' 31 bits."""
-    if triton is None or len(sub_keys) != 2 or not q_THQ.is_cuda or q_THQ.dim() != 3:
-        return False
+    if triton is None or not hasattr(tl, "topk") or len(sub_keys) != 2 or not q_THQ.is_cuda or q_THQ.dim() != 3:
+        return False  # Triton releases without tl.topk (bitonic) run the unfused kernels
     q = sub_keys[0].shape[-1]
     n0, n1 = sub_keys[0].shape[-2], sub_keys[1].shape[-2]
     return (
