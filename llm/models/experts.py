@@ -158,7 +158,8 @@ class PEER(nn.Module):
         """
         lead = x.shape[:-1]
         q_THQ = self._queries(x)
-        scores_THK, ids_THK = retrieve_topk(q_THQ, self._sub_keys(q_THQ.dtype), self.k)
+        use_kernels = self.config.kernel != "torch"
+        scores_THK, ids_THK = retrieve_topk(q_THQ, self._sub_keys(q_THQ.dtype), self.k, use_kernels)
         return scores_THK.reshape(*lead, self.num_heads, self.k), ids_THK.reshape(*lead, self.num_heads, self.k)
 
     # ------------------------------------------------------------------------------------- forward

@@ -35,7 +35,7 @@ from llm.ops.triton_peer_routing import (
     weighted_gather_triton,
 )
 from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
-from llm.ops.triton_topk import kernel_applies, topk, topk_positions
+from llm.ops.triton_topk import kernel_applies, topk, topk_positions, topk_positions_reference
 
 # Two-part retrieval on CUDA runs as one fused kernel (scores, per-part top-k and merge; see
 # llm/ops/triton_retrieval.py): 0.98 vs 1.29 ms for the unfused kernels at the paper's size on an H100
@@ -43,14 +43,14 @@ from llm.ops.triton_topk import kernel_applies, topk, topk_positions
 FUSED_RETRIEVAL = True
 
 
-def _select(scores_RC: Tensor, ids_RC: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+def _select(scores_RC: Tensor, ids_RC: Tensor | None, k: int, use_kernels: bool = True) -> tuple[Tensor, Tensor]:
     """Top-k of candidates listed in ascending-id order; ties go to the lower id.
 
     ``ids_RC=None`` means the ids are ``arange(C)``. Returns (scores, ids), each (..., k), sorted by
     (score descending, id ascending). ``topk_positions`` breaks ties by the lowest position (= lowest id):
     a stable sort on CPU, a register top-k kernel on CUDA; ``torch.topk`` documents no tie order.
     """
-    order_Rk = topk_positions(scores_RC, k)
+    order_Rk = topk_positions(scores_RC, k) if use_kernels else topk_positions_reference(scores_RC, k)
     ids_Rk = order_Rk if ids_RC is None else ids_RC.gather(-1, order_Rk)
     return scores_RC.gather(-1, order_Rk), ids_Rk
 
@@ -61,12 +61,13 @@ def _sort_by_id(scores_Rk: Tensor, ids_Rk: Tensor) -> tuple[Tensor, Tensor]:
     return scores_Rk.gather(-1, perm), ids_sorted
 
 
-def product_topk(part_scores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
+def product_topk(part_scores: Sequence[Tensor], k: int, use_kernels: bool = True) -> tuple[Tensor, Tensor]:
     """Exact top-k over the Cartesian product of P sub-key score sets.
 
     Args:
         part_scores: P tensors, part p of shape (..., n_p), same leading dims and dtype.
         k: experts to keep, ``1 <= k <= prod(n_p)``. A part with ``n_p < k`` keeps all of its sub-keys.
+        use_kernels: False keeps every step in PyTorch (no Triton top-k or merge kernels on CUDA).
 
     Returns:
         scores (..., k): sums of the chosen coordinates' sub-key scores (differentiable w.r.t. every
@@ -81,18 +82,19 @@ def product_topk(part_scores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]
     if not 1 <= k <= total:
         raise ValueError(f"product_topk: k={k} must be in [1, prod({sizes})={total}]")
 
-    if all(p.dtype == torch.float32 and kernel_applies(p) for p in part_scores) and total <= MAX_FLAT_ID + 1:
+    fits_kernels = use_kernels and all(p.dtype == torch.float32 and kernel_applies(p) for p in part_scores)
+    if fits_kernels and total <= MAX_FLAT_ID + 1:
         return _product_topk_kernels(part_scores, sizes, k)
-    scores_Rk, ids_Rk = _select(part_scores[0], None, min(k, sizes[0]))
+    scores_Rk, ids_Rk = _select(part_scores[0], None, min(k, sizes[0]), use_kernels)
     for part, n_p in zip(part_scores[1:], sizes[1:], strict=True):
         # Prune the new part on its own first: only its top-k sub-keys can appear in the product's top-k.
-        part_Rk, part_ids_Rk = _sort_by_id(*_select(part, None, min(k, n_p)))
+        part_Rk, part_ids_Rk = _sort_by_id(*_select(part, None, min(k, n_p), use_kernels))
         scores_Rk, ids_Rk = _sort_by_id(scores_Rk, ids_Rk)
         # (..., a, b) grid of sums; row-major over (a, b) lists candidates in ascending flat id.
         cand_Rab = scores_Rk.unsqueeze(-1) + part_Rk.unsqueeze(-2)
         cand_ids_Rab = ids_Rk.unsqueeze(-1) * n_p + part_ids_Rk.unsqueeze(-2)
         num_cand = cand_Rab.shape[-1] * cand_Rab.shape[-2]
-        scores_Rk, ids_Rk = _select(cand_Rab.flatten(-2), cand_ids_Rab.flatten(-2), min(k, num_cand))
+        scores_Rk, ids_Rk = _select(cand_Rab.flatten(-2), cand_ids_Rab.flatten(-2), min(k, num_cand), use_kernels)
     return scores_Rk, ids_Rk
 
 
@@ -161,14 +163,15 @@ class _ProductKeyRetrieval(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k: int, q_THQ: Tensor, *sub_keys: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx, k: int, use_kernels: bool, q_THQ: Tensor, *sub_keys: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            if FUSED_RETRIEVAL and fused_retrieval_applies(q_THQ, sub_keys, k):
+            if use_kernels and FUSED_RETRIEVAL and fused_retrieval_applies(q_THQ, sub_keys, k):
                 scores_THK, ids_THK = fused_retrieval(q_THQ, sub_keys, k)
             else:
                 parts = subkey_scores_from_queries(q_THQ, sub_keys)
-                scores_THK, ids_THK = product_topk(parts, k)
+                scores_THK, ids_THK = product_topk(parts, k, use_kernels)
                 del parts
+        ctx.use_kernels = use_kernels
         ctx.save_for_backward(q_THQ, ids_THK, *sub_keys)
         ctx.mark_non_differentiable(ids_THK)
         return scores_THK, ids_THK
@@ -179,9 +182,13 @@ class _ProductKeyRetrieval(torch.autograd.Function):
         T, H, K = ids_THK.shape
         q = sub_keys[0].shape[-1]
         coords = unravel_ids(ids_THK, [keys.shape[-2] for keys in sub_keys])
-        use_kernels = kernel_applies(q_THQ) and all(t.dtype == torch.float32 for t in (q_THQ, *sub_keys))
+        use_kernels = (
+            ctx.use_kernels
+            and kernel_applies(q_THQ)
+            and all(t.dtype == torch.float32 for t in (q_THQ, *sub_keys))
+        )
         q_RQ = q_THQ.detach().reshape(T * H, -1)  # (T*H, P*q)
-        dq_RQ = torch.empty_like(q_RQ) if use_kernels and ctx.needs_input_grad[1] else None
+        dq_RQ = torch.empty_like(q_RQ) if use_kernels and ctx.needs_input_grad[2] else None
         dq_parts, dkeys = [], []
         with autocast_off(q_THQ.device.type):
             for p, (keys, c_THK) in enumerate(zip(sub_keys, coords, strict=True)):
@@ -197,12 +204,12 @@ class _ProductKeyRetrieval(torch.autograd.Function):
                         weighted_gather_triton(idx, w, table, dq_RQ[:, p * q : (p + 1) * q])
                     dkeys.append(
                         segment_rows_triton(idx, w, q_p, table.shape[0]).view_as(keys)
-                        if ctx.needs_input_grad[2 + p]
+                        if ctx.needs_input_grad[3 + p]
                         else None
                     )
                     continue
                 dq_p = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # (T*H, q)
-                if ctx.needs_input_grad[2 + p]:
+                if ctx.needs_input_grad[3 + p]:
                     # d key_p[c] = sum over the (row, slot) entries that chose c of dscore * q_p(row); an
                     # explicit index_add (not autograd.grad, which torch.compile cannot trace).
                     contrib_EQ = (w.unsqueeze(-1) * q_p.unsqueeze(1)).reshape(-1, q)  # (T*H*K, q)
@@ -211,22 +218,26 @@ class _ProductKeyRetrieval(torch.autograd.Function):
                 else:
                     dkeys.append(None)
                 dq_parts.append(dq_p)
-        if not ctx.needs_input_grad[1]:
+        if not ctx.needs_input_grad[2]:
             dq = None
         elif use_kernels:
             dq = dq_RQ.view(T, H, -1)
         else:
             dq = torch.cat(dq_parts, dim=-1).view(T, H, -1)
-        return None, dq, *dkeys
+        return None, None, dq, *dkeys
 
 
-def retrieve_topk(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
+def retrieve_topk(
+    q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int, use_kernels: bool = True
+) -> tuple[Tensor, Tensor]:
     """Exact top-k experts per (token, head) from queries and sub-keys, differentiable in both.
 
     Args:
         q_THQ: (T, H, P*q) queries (fp32 or wider; scores are computed in this dtype).
         sub_keys: P tensors, (n_p, q) shared by heads or (H, n_p, q) per head, same dtype as q_THQ.
         k: experts per head, ``1 <= k <= prod(n_p)``.
+        use_kernels: False keeps forward and backward in PyTorch even on CUDA (``PEERConfig.kernel:
+            torch``); True runs the Triton routing kernels where they apply.
 
     Returns:
         scores (T, H, k), equal to ``product_topk(subkey_scores_from_queries(q_THQ, sub_keys), k)``'s
@@ -235,7 +246,7 @@ def retrieve_topk(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Te
         ids (T, H, k) int64 flat ids (row-major over the parts), ties to the lower id. The backward
         touches only the selected sub-keys (see ``_ProductKeyRetrieval``).
     """
-    return _ProductKeyRetrieval.apply(k, q_THQ, *sub_keys)
+    return _ProductKeyRetrieval.apply(k, use_kernels, q_THQ, *sub_keys)
 
 
 def brute_force_topk(part_scores: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:

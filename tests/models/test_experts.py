@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from llm.config.defaults import PEERConfig
 from llm.config.errors import ConfigError
+from llm.models import experts as experts_module
 from llm.models.experts import PEER, SwiGLU
 from llm.models.product_keys import brute_force_topk
 
@@ -306,3 +307,20 @@ def test_triton_layer_forward_backward_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_kernel_torch_keeps_retrieval_in_pytorch(monkeypatch):
+    """``kernel: torch`` means the whole layer runs PyTorch: retrieval is asked not to use its Triton kernels."""
+    seen = []
+    real = experts_module.retrieve_topk
+
+    def spy(q, keys, k, use_kernels=True):
+        seen.append(use_kernels)
+        return real(q, keys, k, use_kernels)
+
+    monkeypatch.setattr(experts_module, "retrieve_topk", spy)
+    for kernel, expected in (("torch", False), ("auto", True)):
+        cfg = PEERConfig(num_experts=64, product_key_dim=[8, 8], num_experts_per_tok=4, num_heads=2, query_dim=8,
+                         expert_hidden_size=1, kernel=kernel)  # fmt: skip
+        PEER(16, cfg)(torch.randn(3, 16))
+        assert seen[-1] is expected

@@ -153,3 +153,18 @@ def test_retrieve_topk_through_the_fused_kernel(monkeypatch):
     want = torch.autograd.grad((want_scores * weight).sum(), [q_THQ, *keys])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_use_kernels_false_never_dispatches_to_triton(monkeypatch):
+    """``use_kernels=False`` (PEERConfig.kernel: torch) keeps retrieval in PyTorch even where the fused
+    kernel would apply (forced here) or the top-k kernels would (CUDA)."""
+    monkeypatch.setattr(product_keys, "fused_retrieval_applies", lambda *a: pytest.fail("fused kernel consulted"))
+    monkeypatch.setattr(product_keys, "kernel_applies", lambda *a: pytest.fail("top-k kernels consulted"))
+    gen = torch.Generator().manual_seed(6)
+    q_THQ = torch.randn(4, 2, 8, generator=gen, requires_grad=True)
+    keys = [torch.randn(2, 6, 4, generator=gen, requires_grad=True) for _ in range(2)]
+    scores, ids = retrieve_topk(q_THQ, keys, 5, use_kernels=False)
+    scores.sum().backward()
+    want_scores, want_ids = brute_force_topk(subkey_scores_from_queries(q_THQ.detach(), [t.detach() for t in keys]), 5)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(scores.detach(), want_scores)
