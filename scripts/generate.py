@@ -15,6 +15,21 @@ import sys
 from llm.config import ConfigError
 
 
+def available_device(text: str) -> str:
+    """argparse type for --device: a torch device string this machine has (else a one-line error)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device (e.g. cpu, cuda, cuda:1): {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder, or a run directory (latest checkpoint)")
@@ -27,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = off (default 50)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, 1.0 = off (default 1.0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    parser.add_argument("--device", default="cpu", help="torch device to run on, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", default="cpu", type=available_device,
+                        help="torch device to run on, e.g. cpu or cuda (default cpu)")  # fmt: skip
     parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (no KV cache)")
     args = parser.parse_args(argv)
     from llm.models.generation import generate_text

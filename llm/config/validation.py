@@ -101,7 +101,8 @@ def validate_mla_config(cfg: MLAConfig, prefix: str = "mla_config") -> None:
         "must be even and >= 2 (rotary pairs)",
     )
     require(cfg.v_head_dim >= 1, k + "v_head_dim", cfg.v_head_dim, "must be >= 1")
-    require(cfg.rope_theta > 0, k + "rope_theta", cfg.rope_theta, "must be > 0")
+    # theta <= 1 gives non-decreasing wavelengths (and log(theta) = 0 divides YaRN's ramp by zero)
+    require(cfg.rope_theta > 1, k + "rope_theta", cfg.rope_theta, "must be > 1 (e.g. 10000)")
     y = cfg.yarn
     require(y.factor >= 1.0, k + "yarn.factor", y.factor, "must be >= 1.0 (1.0 = YaRN off)")
     require(

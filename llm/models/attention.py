@@ -172,7 +172,14 @@ def causal_attention(
     doc_mask = as_document_mask(doc_ids)
     choice = resolve_attention_backend(backend, q, v, masked=doc_mask is not None)
     if choice == "flex":
-        return _flex_attention(q, k, v, scale, doc_mask)
+        try:
+            return _flex_attention(q, k, v, scale, doc_mask)
+        except NotImplementedError as err:  # e.g. no backward on CPU: a named backend that cannot run
+            raise ValueError(
+                f"mla_config.attention_backend: 'flex' cannot run q {tuple(q.shape)} {q.dtype} on "
+                f"{q.device.type} (torch: {str(err).splitlines()[0]}); "
+                f"allowed: {' | '.join(ATTENTION_BACKENDS)} — 'auto' picks one that can"
+            ) from err
     if doc_mask is None:
         mask, causal = None, True
     else:

@@ -23,6 +23,7 @@ import torch
 from llm.config.defaults import ModelConfig, peer_layer_indices
 from llm.config.errors import ConfigError
 from llm.config.loader import from_dict
+from llm.models.rope import cos_sin_scale
 
 FORMAT = "foundation-llm"  # marker in config.json of the native format
 WEIGHTS_NAME = "model.safetensors"
@@ -115,6 +116,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "na
     """``scripts/export.py``: write a training checkpoint as ``native`` (any model) or ``hf`` (all-dense models)."""
     if fmt not in ("native", "hf"):
         raise ValueError(f"--format: got {fmt!r}; allowed: native | hf")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise ValueError(f"--output: {output} is a file; give a directory to write (created if missing)")
     _, model = model_from_checkpoint(checkpoint)
     return save_pretrained(model, output) if fmt == "native" else export_hf(model, output)
 
@@ -137,8 +140,13 @@ def hf_rope_parameters(model_config: ModelConfig) -> dict:
         "original_max_position_embeddings": y.original_max_position_embeddings,
         "beta_fast": y.beta_fast,
         "beta_slow": y.beta_slow,
+        # transformers applies the softmax temperature only when mscale_all_dim is set and, without an
+        # explicit attention_factor, scales cos/sin by its own default whenever either field is 0; ours
+        # (DeepSeek's) falls back to mscale for the temperature. Exporting the coefficients actually used
+        # makes both compute the same logits for every (mscale, mscale_all_dim).
         "mscale": y.mscale,
-        "mscale_all_dim": y.mscale_all_dim,
+        "mscale_all_dim": y.mscale_all_dim if y.mscale_all_dim > 0 else y.mscale,
+        "attention_factor": cos_sin_scale(y),
     }
 
 

@@ -29,6 +29,7 @@ BAD_OVERRIDES = [
     (["model_config.mla_config.q_lora_rank=-1"], "q_lora_rank: got -1"),
     (["model_config.mla_config.attention_backend=fast"], "attention_backend"),
     (["model_config.mla_config.yarn.factor=0.5"], "yarn.factor: got 0.5"),
+    (["model_config.mla_config.rope_theta=1.0", "model_config.mla_config.yarn.factor=2.0"], "rope_theta: got 1.0"),
     (["model_config.peer_layers=[0, 99]"], "peer_layers"),
     (["model_config.first_k_dense=13"], "first_k_dense: got 13"),
     (["dataset_config.seq_len=4096"], "exceeds model_config.max_seq_len"),

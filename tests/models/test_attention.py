@@ -125,6 +125,10 @@ def test_requested_backend_that_cannot_run_raises_clear_error():
     attn = make_attn(0, attention_backend="cudnn")  # cuDNN needs CUDA
     with pytest.raises(ValueError, match="mla_config.attention_backend: 'cudnn' cannot run"):
         attn(torch.randn(1, 4, DIM))
+    # FlexAttention has no backward on CPU (these tensors are CPU ones): training with it is refused alike
+    attn = make_attn(0, attention_backend="flex")
+    with pytest.raises(ValueError, match="mla_config.attention_backend: 'flex' cannot run"):
+        attn(torch.randn(1, 4, DIM, requires_grad=True))
 
 
 def test_bad_config_values_raise_config_error():

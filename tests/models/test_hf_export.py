@@ -71,6 +71,28 @@ def test_export_hf_logits_match_transformers(tmp_path, q_lora_rank, tied, yarn):
     torch.testing.assert_close(_hf_logits(tmp_path, ids), ours, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mscale,mscale_all_dim", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_export_hf_logits_match_transformers_for_every_yarn_temperature(tmp_path, mscale, mscale_all_dim):
+    """transformers reads mscale / mscale_all_dim differently from DeepSeek's code when either is 0 (the
+    default mscale_all_dim is 0); the export writes the coefficients in effect. Queries and keys are scaled
+    up so attention is far from uniform and a wrong temperature shows in the logits."""
+    torch.manual_seed(1)
+    cfg = tiny_config(peer_every_n=0, max_seq_len=64)
+    cfg.mla_config.rope_theta = 500.0
+    cfg.mla_config.yarn = YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=mscale,
+                                     mscale_all_dim=mscale_all_dim)  # fmt: skip
+    model = FoundationModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.wq.weight", "attn.wkv_b.weight")):
+                p.mul_(8.0)
+    export_hf(model, tmp_path)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        ours = model(ids)
+    torch.testing.assert_close(_hf_logits(tmp_path, ids), ours, atol=1e-4, rtol=1e-4)
+
+
 def test_export_hf_refuses_peer_models(tmp_path):
     with pytest.raises(ValueError, match=r"blocks \[1, 2\] use PEER"):
         FoundationModel(tiny_config()).export_hf(tmp_path)
@@ -94,6 +116,9 @@ def test_checkpoint_export_both_formats(tmp_path):
     torch.testing.assert_close(_hf_logits(tmp_path / "hf", ids), model(ids).detach(), atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="run directory"):
         model_from_checkpoint(tmp_path / "nothing")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--output: .* is a file"):
+        export_checkpoint(saved, tmp_path / "a_file", "native")
 
 
 def test_find_checkpoint_skips_a_truncated_newest_checkpoint(tmp_path):

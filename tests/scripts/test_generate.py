@@ -30,3 +30,12 @@ def test_errors_exit_2_and_help(tmp_path, capsys):
     for flag in ("--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                  "--device", "--no-cache"):
         assert flag in text
+
+
+@pytest.mark.parametrize("device,message", [("foo", "is not a torch device"), ("cuda:99", "CUDA device")])
+def test_bad_device_is_one_line_error(tmp_path, capsys, device, message):
+    with pytest.raises(SystemExit) as exc:
+        load_script().main(["--checkpoint", str(tmp_path), "--device", device])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --device: {device!r}" in err and message in err
