@@ -183,7 +183,9 @@ class DatasetConfig:
     tokenizer: str = "embedded"  # embedded | a local tokenizer.json | a hub tokenizer name
     seq_len: int = 1024  # tokens per packed training sequence
     add_bos: bool = False  # prepend BOS to every document (EOS always separates documents)
-    stopping_strategy: str = "all_exhausted"  # first_exhausted | all_exhausted (HF interleave_datasets)
+    # all_exhausted | first_exhausted (HF interleave_datasets). first_exhausted ends each epoch when the
+    # smallest source runs out and restarts every source, so larger sources' later documents are never read.
+    stopping_strategy: str = "all_exhausted"
     shuffle_buffer: int = 0  # HF shuffle buffer size (0 = off; > 0 loses exact resumption)
     num_workers: int = 0  # DataLoader worker processes
     prefetch_factor: int = 2  # batches prefetched per worker

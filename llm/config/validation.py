@@ -15,6 +15,7 @@ from llm.config.defaults import (
     AblationConfig,
     Config,
     DatasetConfig,
+    DataSourceConfig,
     EvalConfig,
     MLAConfig,
     ModelConfig,
@@ -187,23 +188,31 @@ def validate_dataset_config(cfg: DatasetConfig, prefix: str = "dataset_config") 
     if not cfg.sources:
         require(bool(cfg.mix.strip()), k + "mix", cfg.mix, "must name a mix in datasets_file when sources is empty")
     for i, src in enumerate(cfg.sources):
-        s = f"{k}sources[{i}]."
-        require_choice(src.type, s + "type", ["hub", "local", "embedded"])
-        require(src.type == "embedded" or bool(src.path), s + "path", src.path, "must name a dataset or file")
-        require(src.weight >= 0 and math.isfinite(src.weight), s + "weight", src.weight, "must be a finite number >= 0")
-        require_choice(src.sample_by, s + "sample_by", ["line", "paragraph", "document"])
-        require(src.min_chars >= 0, s + "min_chars", src.min_chars, "must be >= 0")
-        require(src.max_chars >= 0, s + "max_chars", src.max_chars, "must be >= 0 (0 = no limit)")
-        require(src.holdout_documents >= 0, s + "holdout_documents", src.holdout_documents, "must be >= 0 (0 = off)")
-        require(
-            not (src.holdout_documents and src.validation_split),
-            s + "holdout_documents",
-            src.holdout_documents,
-            f"set either it or validation_split ({src.validation_split!r}), not both",
-        )
-    if cfg.sources:
-        weights = [s.weight for s in cfg.sources]
-        require(sum(weights) > 0, k + "sources", weights, "weights must not all be zero")
+        validate_data_source(src, f"{k}sources[{i}]")
+
+
+def validate_data_source(src: DataSourceConfig, prefix: str) -> None:
+    """One source, inline (``dataset_config.sources[i]``) or from a mix of ``datasets_file``."""
+    s = f"{prefix}."
+    require_choice(src.type, s + "type", ["hub", "local", "embedded"])
+    require(src.type == "embedded" or bool(src.path), s + "path", src.path, "must name a hub dataset or local file/glob")
+    # a weight of 0 would never be drawn, so an epoch waiting for every source to run out would not end
+    require(
+        isinstance(src.weight, (int, float)) and src.weight > 0 and math.isfinite(src.weight),
+        s + "weight",
+        src.weight,
+        "must be a finite number > 0 (leave a source out of the mix to drop it)",
+    )
+    require_choice(src.sample_by, s + "sample_by", ["line", "paragraph", "document"])
+    require(src.min_chars >= 0, s + "min_chars", src.min_chars, "must be >= 0")
+    require(src.max_chars >= 0, s + "max_chars", src.max_chars, "must be >= 0 (0 = no limit)")
+    require(src.holdout_documents >= 0, s + "holdout_documents", src.holdout_documents, "must be >= 0 (0 = off)")
+    require(
+        not (src.holdout_documents and src.validation_split),
+        s + "holdout_documents",
+        src.holdout_documents,
+        f"set either it or validation_split ({src.validation_split!r}), not both",
+    )
 
 
 def validate_eval_config(cfg: EvalConfig, prefix: str = "eval_config") -> None:

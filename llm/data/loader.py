@@ -35,6 +35,13 @@ from llm.data.sources import has_split, iter_source_texts, normalized_weights, r
 from llm.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 STATE_VERSION = 1
 _ENCODE_CHUNK = 16  # documents tokenised per encode_batch call (Rust parallelises within a call)
 
@@ -104,6 +111,13 @@ class MixStream:
 
     def __iter__(self) -> Iterator[tuple[int, str | None]]:
         while self.max_epochs is None or self.epoch < self.max_epochs:
+            if self.epoch > 0 and self.plan.cfg.stopping_strategy == "first_exhausted" and len(self.plan.sources) > 1:
+                _warn_once(
+                    "dataset_config.stopping_strategy first_exhausted: an epoch of the mix ended when its "
+                    "smallest source ran out, and every epoch restarts each source from its beginning, so "
+                    "documents of larger sources past that point are never reached; all_exhausted trains on "
+                    "all of them"
+                )
             ds = self._build()
             resumed = self._resume is not None
             if resumed:

@@ -46,7 +46,6 @@ def resolve_sources(cfg: DatasetConfig) -> list[DataSourceConfig]:
         sources, where = list(cfg.sources), "dataset_config.sources"
     else:
         sources, where = load_mix(cfg.datasets_file, cfg.mix), f"{cfg.datasets_file}: mixes.{cfg.mix}"
-    check_weights(sources, where)
     names = [s.name or f"source{i}" for i, s in enumerate(sources)]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: source names must be unique, got {names}")
@@ -58,7 +57,7 @@ def resolve_sources(cfg: DatasetConfig) -> list[DataSourceConfig]:
 def load_mix(datasets_file: str, mix: str) -> list[DataSourceConfig]:
     """Read mix ``mix`` from the YAML file: ``mixes: {name: [source, ...]}``."""
     from llm.config.loader import from_dict, read_yaml_mapping
-    from llm.config.validation import require_choice
+    from llm.config.validation import validate_data_source
 
     if mix == "embedded" and not Path(datasets_file).is_file():
         # The default must work from any directory, even without configs/.
@@ -75,20 +74,9 @@ def load_mix(datasets_file: str, mix: str) -> list[DataSourceConfig]:
     for i, entry in enumerate(entries):
         key = f"{datasets_file}: mixes.{mix}[{i}]"
         src = from_dict(DataSourceConfig, entry, prefix=key)
-        require_choice(src.type, key + ".type", ["hub", "local", "embedded"])
-        require_choice(src.sample_by, key + ".sample_by", ["line", "paragraph", "document"])
-        if src.type != "embedded" and not src.path:
-            raise ConfigError(f"{key}.path: got {src.path!r}; must name a hub dataset or local file/glob")
+        validate_data_source(src, key)  # the same checks as an inline source
         sources.append(src)
     return sources
-
-
-def check_weights(sources: list[DataSourceConfig], where: str) -> None:
-    for i, s in enumerate(sources):
-        if not (isinstance(s.weight, (int, float)) and s.weight >= 0 and s.weight != float("inf")):
-            raise ConfigError(f"{where}[{i}].weight: got {s.weight!r}; must be a finite number >= 0")
-    if sum(s.weight for s in sources) <= 0:
-        raise ConfigError(f"{where}: weights {[s.weight for s in sources]} are all zero; at least one must be > 0")
 
 
 def normalized_weights(sources: list[DataSourceConfig]) -> list[float]:

@@ -7,6 +7,7 @@ from data_helpers import dataset_config, docs, write_jsonl
 
 from llm.config.defaults import DataSourceConfig
 from llm.config.errors import ConfigError
+from llm.data import loader as loader_module
 from llm.data.loader import LoaderPlan, MixStream, build_train_loader, build_val_loader
 from llm.data.packing import IGNORE_INDEX
 from llm.data.tokenizer import embedded_tokenizer
@@ -68,6 +69,18 @@ def test_rank_shards_are_disjoint_and_cover_one_epoch(two_sources, world):
     assert set(flat) == set(docs("alpha", 60))
 
 
+def test_first_exhausted_warns_when_the_mix_restarts(two_sources, caplog, monkeypatch):
+    """first_exhausted restarts every source when the smallest runs out: the first rollover says so."""
+    monkeypatch.setattr(loader_module, "_warned", set())
+    cfg = dataset_config(two_sources, stopping_strategy="first_exhausted")
+    plan = LoaderPlan(cfg, TOK, two_sources, 1, 0, 1)
+    with caplog.at_level("WARNING", logger="llm.data.loader"):
+        one_epoch = sum(1 for _ in MixStream(plan, 0, 1, None, max_epochs=1))
+        assert "first_exhausted" not in caplog.text  # the warning comes with the second epoch's start
+        assert sum(1 for _ in MixStream(plan, 0, 1, None, max_epochs=2)) > one_epoch
+    assert "every epoch restarts each source" in caplog.text
+
+
 def test_uneven_ranks_yield_equal_batches(tmp_path):
     # 5 small documents across 2 ranks x 2 workers: every node's share differs, each still yields forever.
     path = write_jsonl(tmp_path / "s.jsonl", docs("x", 5))
@@ -118,7 +131,7 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, monkeypatch):
         _take(iter(build(type="local", path=str(good), text_field="body")), 1)
     with pytest.raises(ConfigError, match="weight"):
         build(type="local", path=str(good), weight=-1.0)
-    with pytest.raises(ConfigError, match="zero"):
+    with pytest.raises(ConfigError, match=r"weight: got 0.0; must be a finite number > 0"):
         build(type="local", path=str(good), weight=0.0)
     with pytest.raises(ConfigError, match="defines: .*embedded"):
         build_train_loader(dataset_config(mix="no_such_mix", datasets_file="configs/datasets.yaml"), TOK, 2)

@@ -44,6 +44,15 @@ def test_mixes_file(tmp_path):
     with pytest.raises(ConfigError, match="defines: bad, m"):
         load_mix(str(mixes), "zzz")
     assert resolve_sources(DatasetConfig(mix="embedded", datasets_file=str(tmp_path / "none.yaml")))[0].type == "embedded"
+    # a mix's sources get the same checks as inline ones
+    for entry, message in (
+        ({"type": "local", "path": "a.jsonl", "weight": 0}, r"mixes.z\[0\].weight: got 0.0; must be a finite number > 0"),
+        ({"type": "local", "path": "a.jsonl", "holdout_documents": -3}, r"mixes.z\[0\].holdout_documents: got -3"),
+        ({"type": "local", "path": "a.jsonl", "holdout_documents": 5, "validation_split": "val"}, "not both"),
+    ):
+        mixes.write_text(yaml.safe_dump({"mixes": {"z": [entry]}}))
+        with pytest.raises(ConfigError, match=message):
+            load_mix(str(mixes), "z")
     shipped = yaml.safe_load(open("configs/datasets.yaml"))["mixes"]
     assert {"embedded", "web_mix"} <= set(shipped)
     for name in shipped:
