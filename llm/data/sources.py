@@ -23,6 +23,7 @@ import itertools
 import json
 import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,7 @@ def format_record(record: Any, text_field: str, template: str | None, min_chars:
         return None
     try:
         text = template.format_map(record) if template else record[text_field]
-    except (KeyError, IndexError, ValueError, AttributeError):
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError):  # a record the template does not fit
         return None
     if not isinstance(text, str):
         return None
@@ -109,7 +110,7 @@ def check_first_record(src: DataSourceConfig, record: dict, where: str) -> None:
     if src.template:
         try:
             src.template.format_map(record)
-        except (KeyError, IndexError, ValueError) as e:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
             raise ValueError(f"{where}: template {src.template!r} does not fit the records ({e!r}); fields: {sorted(record)}") from None
     elif src.text_field not in record:
         raise ValueError(f"{where}: records have no field {src.text_field!r} (fields: {', '.join(sorted(record))}); set text_field or template")
@@ -148,13 +149,31 @@ def _open_bytes(path: str) -> io.BufferedIOBase:
 
 
 def iter_file_records(path: str, sample_by: str = "paragraph") -> Iterator[dict | None]:
-    """Records of one local file; None for a line that is not UTF-8 or not valid JSON."""
+    """Records of one local file; None for a line that is not UTF-8 or not valid JSON.
+
+    A file that cannot be decoded at all (a truncated or corrupt archive, not a parquet file) raises a
+    ``ValueError`` naming it, whenever in the file the damage is met.
+    """
+    try:
+        yield from _file_records(path, sample_by)
+    except FileNotFoundError:
+        raise
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read the file, it is corrupt or truncated ({type(e).__name__}: {e})") from None
+
+
+def _file_records(path: str, sample_by: str) -> Iterator[dict | None]:
     kind = _kind(path)
     if kind == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-            yield from batch.to_pylist()
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=256)
+            for batch in batches:
+                yield from batch.to_pylist()
+        except pyarrow.ArrowException as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
         return
     with _open_bytes(path) as f:
         if kind == ".txt":

@@ -140,7 +140,10 @@ def load_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"dataset_config.tokenizer: no tokenizer file at {str(file)!r}")
-    backend = HFTokenizer.from_file(str(file))
+    try:
+        backend = HFTokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON or an unknown model
+        raise ValueError(f"dataset_config.tokenizer: {str(file)!r} is not a valid tokenizer.json ({e})") from None
     return Tokenizer(backend, *_role_ids(backend, file.parent), name=str(path))
 
 
@@ -176,9 +179,22 @@ def build_tokenizer(dataset_config: DatasetConfig) -> Tokenizer:
     spec = dataset_config.tokenizer
     if spec == "embedded":
         return embedded_tokenizer()
-    if os.path.exists(spec) or spec.endswith(".json"):
-        return load_tokenizer_file(spec)
+    path = os.path.expanduser(spec)
+    if os.path.exists(path) or _looks_like_path(spec):
+        return load_tokenizer_file(path)  # a missing path is reported as one, never looked up on the hub
     return load_hub_tokenizer(spec)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """True for what cannot be a hub id ("name" or "namespace/name"): a .json file, an absolute, home- or
+    dot-relative path, a trailing separator, or more than one '/'."""
+    return (
+        spec.endswith(".json")
+        or spec.startswith(("/", "~", "."))
+        or spec.endswith(("/", os.sep))
+        or spec.count("/") > 1
+        or os.sep != "/" and os.sep in spec
+    )
 
 
 def train_tokenizer_on_mix(cfg: DatasetConfig, vocab_size: int, max_documents: int = 100_000,

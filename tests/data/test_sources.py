@@ -8,7 +8,14 @@ import yaml
 
 from llm.config.defaults import DatasetConfig, DataSourceConfig
 from llm.config.errors import ConfigError
-from llm.data.sources import iter_source_texts, load_mix, resolve_sources
+from llm.data.sources import (
+    check_first_record,
+    format_record,
+    iter_file_records,
+    iter_source_texts,
+    load_mix,
+    resolve_sources,
+)
 
 
 def _texts(**src):
@@ -57,3 +64,29 @@ def test_mixes_file(tmp_path):
     assert {"embedded", "web_mix"} <= set(shipped)
     for name in shipped:
         assert load_mix("configs/datasets.yaml", name)
+
+
+def test_corrupt_or_truncated_files_are_one_line_errors_naming_the_file(tmp_path):
+    not_gzip = tmp_path / "a.jsonl.gz"
+    not_gzip.write_bytes(b'{"text": "plain json lines, not gzip"}\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl\.gz: cannot read the file, it is corrupt or truncated"):
+        list(iter_file_records(str(not_gzip)))
+    whole = gzip.compress(b"".join(json.dumps({"text": f"document {i}"}).encode() + b"\n" for i in range(500)))
+    truncated = tmp_path / "t.jsonl.gz"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"t\.jsonl\.gz: cannot read the file, it is corrupt or truncated"):
+        list(iter_file_records(str(truncated)))
+    parquet = tmp_path / "p.parquet"
+    parquet.write_bytes(b"not a parquet file")
+    with pytest.raises(ValueError, match=r"p\.parquet: not a readable parquet file"):
+        list(iter_file_records(str(parquet)))
+
+
+def test_template_that_does_not_fit_a_record(tmp_path):
+    """A template indexing a field of the wrong type: the first record is a config error, later ones are
+    bad records (skipped and counted), never a traceback."""
+    src = DataSourceConfig(name="s", type="local", path="x", template="{title} {n[0]}")
+    assert format_record({"title": "t", "n": 5}, "text", src.template, 0, 0) is None
+    assert format_record({"title": "t", "n": [1]}, "text", src.template, 0, 0) == "t 1"
+    with pytest.raises(ValueError, match="template '{title} {n\\[0\\]}' does not fit the records"):
+        check_first_record(src, {"title": "t", "n": 5}, "source 's'")

@@ -38,6 +38,13 @@ def test_save_and_load_local_file(tmp_path):
 def test_bad_tokenizer_specs(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no tokenizer file"):
         build_tokenizer(DatasetConfig(tokenizer=str(tmp_path / "missing.json")))
+    # a missing folder is reported as a missing path, not looked up as a hub name
+    for missing in (str(tmp_path / "no_such_dir") + "/", "./no_such_dir/tok", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="dataset_config.tokenizer: no tokenizer file"):
+            build_tokenizer(DatasetConfig(tokenizer=missing))
+    (tmp_path / "bad.json").write_text("{1: 2}")
+    with pytest.raises(ValueError, match=r"bad\.json' is not a valid tokenizer.json"):
+        build_tokenizer(DatasetConfig(tokenizer=str(tmp_path / "bad.json")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
