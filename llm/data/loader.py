@@ -218,6 +218,16 @@ class _WorkerDataset(torch.utils.data.IterableDataset):
 # ---------------------------------------------------------------------------------------------
 
 
+def _unwrap_worker_error(error: Exception) -> Exception:
+    """A data error raised in a DataLoader worker, as the worker raised it: torch re-raises it with the
+    worker's whole traceback as its message, which scripts would print after ``error:``."""
+    text = str(error)
+    if "DataLoader worker process" not in text:
+        return error
+    last = text.strip().splitlines()[-1]  # "ValueError: <the original one-line message>"
+    return type(error)(last.split(": ", 1)[1] if ": " in last else last)
+
+
 class TrainLoader:
     """Endless iterable of batches ``{"input_ids", "labels", "doc_ids"}``, each (B, S) int64.
 
@@ -239,11 +249,15 @@ class TrainLoader:
         else:
             items = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=nw,
                                                 prefetch_factor=self.plan.cfg.prefetch_factor)
-        for logical, batch, state in items:
-            self.states[logical] = state
-            self.next_worker = (logical + 1) % self.plan.num_logical
-            self.batches += 1
-            yield batch
+        try:
+            for logical, batch, state in items:
+                self.states[logical] = state
+                self.next_worker = (logical + 1) % self.plan.num_logical
+                self.batches += 1
+                yield batch
+        except (ValueError, FileNotFoundError) as e:
+            raise _unwrap_worker_error(e) from None
+
 
     def state_dict(self) -> dict:
         return {
@@ -275,13 +289,19 @@ class TrainLoader:
         return {s.name: n for s, n in zip(self.plan.sources, totals, strict=True)}
 
     def mix_report(self) -> dict[str, float]:
-        """Flat metrics: ``data/<source>/requested`` and ``data/<source>/achieved`` token fractions."""
+        """Flat metrics: ``data/<source>/requested`` and ``data/<source>/achieved`` token fractions.
+
+        ``achieved`` needs per-source token counts, which only on-the-fly tokenization keeps; pre-tokenized
+        shards fixed their mix when they were written (``scripts/prepare_data.py`` reports it), so there
+        only ``requested`` is reported.
+        """
         counts = self.source_token_counts()
-        total = sum(counts.values()) or 1
+        total = sum(counts.values())
         out = {}
         for src, want in zip(self.plan.sources, normalized_weights(self.plan.sources), strict=True):
             out[f"data/{src.name}/requested"] = want
-            out[f"data/{src.name}/achieved"] = counts[src.name] / total
+            if total:
+                out[f"data/{src.name}/achieved"] = counts[src.name] / total
         return out
 
 

@@ -51,6 +51,8 @@ def _roundtrip(state):
 
 def test_interleave_ratio_matches_weights(two_sources):
     loader = build_train_loader(dataset_config(two_sources), TOK, 4)
+    # no tokens counted yet (as on the pre-tokenized path, which keeps no per-source counts): no "achieved"
+    assert loader.mix_report() == {"data/a/requested": 0.75, "data/b/requested": 0.25}
     _take(iter(loader), 150)
     report = loader.mix_report()
     counts = loader.source_token_counts()
@@ -79,6 +81,15 @@ def test_first_exhausted_warns_when_the_mix_restarts(two_sources, caplog, monkey
         assert "first_exhausted" not in caplog.text  # the warning comes with the second epoch's start
         assert sum(1 for _ in MixStream(plan, 0, 1, None, max_epochs=2)) > one_epoch
     assert "every epoch restarts each source" in caplog.text
+
+
+def test_worker_errors_surface_as_the_workers_one_line_message(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", docs("x", 5))
+    cfg = dataset_config([DataSourceConfig(name="s", type="local", path=str(path), text_field="body")], num_workers=2)
+    with pytest.raises(ValueError) as info:
+        next(iter(build_train_loader(cfg, TOK, 2)))
+    message = str(info.value)
+    assert "records have no field 'body'" in message and "Traceback" not in message and "\n" not in message
 
 
 def test_uneven_ranks_yield_equal_batches(tmp_path):
