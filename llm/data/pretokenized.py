@@ -57,11 +57,20 @@ def index_sources(directory: str | Path) -> list[DataSourceConfig]:
 
 
 def check_tokenizer(index: dict, tokenizer: Tokenizer, where: str) -> None:
+    """The shards' tokenizer and ``dataset_config.tokenizer`` must be the same: sizes and EOS first, then
+    the vocabulary itself (two BPEs of one size share the ids of their specials but not their tokens)."""
+    fix = f"set dataset_config.tokenizer to {where}/tokenizer"
     if tokenizer.vocab_size != index["vocab_size"] or tokenizer.eos_id != index["eos_id"]:
         raise ValueError(
             f"{where}: shards were written with a tokenizer of vocab {index['vocab_size']} / eos {index['eos_id']} "
             f"({index['tokenizer']!r}), but dataset_config.tokenizer gives vocab {tokenizer.vocab_size} / eos {tokenizer.eos_id}; "
-            f"set dataset_config.tokenizer to {where}/tokenizer"
+            f"{fix}"
+        )
+    recorded = index.get("tokenizer_vocab_sha256")  # absent from indexes written before it was recorded
+    if recorded and recorded != tokenizer.vocab_fingerprint():
+        raise ValueError(
+            f"{where}: shards were written with the tokenizer {index['tokenizer']!r}, whose vocabulary differs from "
+            f"dataset_config.tokenizer ({tokenizer.name!r}) although both have {tokenizer.vocab_size} tokens; {fix}"
         )
 
 
@@ -97,8 +106,8 @@ def prepare_pretokenized(cfg: DatasetConfig, tokenizer: Tokenizer, output_dir: s
                          shard_tokens: int = 2**27, validation: bool = True) -> dict:
     """Tokenise the mix of ``cfg`` into shards under ``output_dir``; returns the index.
 
-    Train: one pass over the interleaved mix (``cfg.stopping_strategy``), stopped early at
-    ``max_tokens`` (> 0; required for the endless embedded source). Validation: each source's held-out
+    Train: one pass over the interleaved mix (``cfg.stopping_strategy``), stopped early after the
+    document that reaches ``max_tokens`` (> 0; required for the endless embedded source). Validation: each source's held-out
     split, in source order.
     """
     from llm.data.loader import BadRecordCounter, EmbeddedStream, LoaderPlan, MixStream
@@ -130,6 +139,8 @@ def prepare_pretokenized(cfg: DatasetConfig, tokenizer: Tokenizer, output_dir: s
         if not chunk:
             break
         for (source, _), ids in zip(chunk, tokenizer.encode_batch([t for _, t in chunk]), strict=True):
+            if 0 < max_tokens <= total:  # the budget ends after the document that reaches it
+                break
             doc = bos + ids + [tokenizer.eos_id]
             train.write(doc)
             counts[source] += len(doc)
@@ -149,6 +160,7 @@ def prepare_pretokenized(cfg: DatasetConfig, tokenizer: Tokenizer, output_dir: s
     index = {
         "version": INDEX_VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
         "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id, "tokenizer": tokenizer.name,
+        "tokenizer_vocab_sha256": tokenizer.vocab_fingerprint(),
         "add_bos": cfg.add_bos, "bad_records": bad.count,
         "sources": [{"name": s.name, "weight": s.weight, "tokens": n} for s, n in zip(sources, counts, strict=True)],
         "train": train.shards, "validation": val.shards,

@@ -7,6 +7,7 @@ picklable for DataLoader workers) with the special-token ids the packer needs.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -40,6 +41,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def vocab_fingerprint(self) -> str:
+        """sha256 of the vocabulary (token -> id, added tokens included): equal for the same vocabulary."""
+        vocab = sorted(self.backend.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids

@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import sys
 
 import numpy as np
@@ -83,6 +84,13 @@ def test_memmap_validation_and_tokenizer_check(prepared, tmp_path):
     other = train_bpe(["some text"] * 10, vocab_size=300)
     with pytest.raises(ValueError, match="tokenizer"):
         build_train_loader(dataset_config(pretokenized_dir=str(out)), other, 2)
+    # the same size and special ids but another vocabulary: caught by the recorded vocabulary hash
+    rng = random.Random(0)
+    words = [" ".join("".join(rng.choices("abcdefghij", k=rng.randint(2, 8))) for _ in range(200)) for _ in range(50)]
+    same_size = train_bpe(words, vocab_size=TOK.vocab_size)
+    assert same_size.vocab_size == TOK.vocab_size and same_size.eos_id == TOK.eos_id
+    with pytest.raises(ValueError, match="whose vocabulary differs"):
+        build_train_loader(dataset_config(pretokenized_dir=str(out)), same_size, 2)
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         build_train_loader(dataset_config(pretokenized_dir=str(tmp_path / "nothing")), TOK, 2)
 
@@ -107,6 +115,7 @@ def test_prepare_data_script(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset_config:\n  mix: embedded\n  seq_len: 16\n")
     assert prepare_data.main(["--config", str(cfg), "--output", str(tmp_path / "o"), "--max-tokens", "3000", "--no-validation"]) == 0
-    assert sum(s["tokens"] for s in read_index(tmp_path / "o")["train"]) >= 3000
+    written = sum(s["tokens"] for s in read_index(tmp_path / "o")["train"])
+    assert 3000 <= written < 3000 + 1000  # stops after the document that reaches the budget
     assert prepare_data.main(["--config", str(cfg), "--output", str(tmp_path / "o2")]) == 2
     assert "max_tokens" in capsys.readouterr().err
