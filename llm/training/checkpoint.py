@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,11 @@ RESUMABLE_CHANGES = (
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable, or could not be written."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint this run cannot continue (another world size): falling back to an older
+    checkpoint would not help, so it is never skipped."""
 
 
 def step_dir_name(step: int) -> str:
@@ -289,14 +295,14 @@ class Checkpointer:
         if ok:
             try:
                 self._write_states(tmp, step, model, optimizer, trainer_state, rank_state, config)
-            except OSError as exc:
-                ok, error = False, _describe_os_error(exc)
+            except Exception as exc:  # OSError, but also safetensors' and torch.save's own errors on a full disk
+                ok, error = False, _describe_write_error(exc)
             ok = distributed.all_true(ok)
         if ok and self.info.is_main:
             try:
                 self._finish(tmp, final, step)
-            except OSError as exc:
-                ok, error = False, _describe_os_error(exc)
+            except Exception as exc:
+                ok, error = False, _describe_write_error(exc)
         ok = distributed.all_true(ok)
         if not ok:
             if self.info.is_main:
@@ -357,6 +363,26 @@ class Checkpointer:
         _fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
 
+    def set_aside_newer(self, step: int, also: list[Path]) -> Path | None:
+        """Resuming from ``step`` while newer checkpoints exist (a rollback): move them, with copies of the
+        files in ``also`` (the metrics log), into ``abandoned_after_step_<step>_<time>/``, so that
+        ``latest``, pruning and the log follow the resumed run and nothing of the abandoned one is lost.
+
+        Rank 0 moves; returns the folder (None where there was nothing to move, and on other ranks).
+        """
+        newer = [p for p in self.step_dirs() if checkpoint_step(p) > step]
+        if not newer or not self.info.is_main:
+            return None
+        dest = self.root / f"abandoned_after_{step_dir_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir()
+        for path in newer:
+            os.replace(path, dest / path.name)
+        for path in also:
+            if path.is_file():
+                shutil.copy2(path, dest / path.name)
+        _fsync_path(self.root)
+        return dest
+
     def _prune(self) -> None:
         done = self.complete()
         keep = set(done[-self.keep_last :])
@@ -397,27 +423,37 @@ class Checkpointer:
     ) -> tuple[Path, dict[str, Any], dict[str, Any]] | None:
         """Restore model and optimiser from the checkpoint ``resume`` names; None if there is none.
 
-        With ``resume='latest'`` an unreadable checkpoint is reported and the previous one is tried;
-        an explicitly named one that is unreadable raises ``CheckpointError``. A config that differs
+        With ``resume='latest'`` an unreadable checkpoint is reported and the previous one is tried; when
+        none is usable ``CheckpointError`` lists why (None only when there is no complete checkpoint). An
+        explicitly named one that is unreadable, or any written by another world size, raises. A config that differs
         from the checkpoint's in a field that shapes the state raises ``ConfigError`` naming the fields.
         Returns (folder, trainer_state, this rank's state); the caller applies ``rank_state["rng"]``
         with ``set_rng_state`` once its own setup has stopped drawing random numbers.
         """
         candidates = self.resolve(resume)
+        reasons = []
         for i, path in enumerate(candidates):
             try:
                 check_config(path, config)
                 result = self._load_one(path, model, optimizer)
                 error = ""
+            except CheckpointMismatchError:
+                raise
             except CheckpointError as exc:
                 result, error = None, str(exc)
             if distributed.all_true(result is not None):
                 return path, result[0], result[1]
             if resume != "latest":
                 raise CheckpointError(error or f"{path}: unreadable on another rank")
+            reasons.append(f"{path.name}: {error or 'unreadable on another rank'}")
             if self.info.is_main:
                 later = f"falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else "no older one"
                 log.warning("checkpoint %s is unusable (%s); %s", path.name, error or "on another rank", later)
+        if candidates:  # starting over would overwrite the run's checkpoints and metrics: stop instead
+            raise CheckpointError(
+                f"--resume: none of the {len(candidates)} complete checkpoints under {self.root} can be loaded "
+                f"({'; '.join(reasons)}); nothing was changed"
+            )
         return None
 
     def _load_one(self, path: Path, model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -425,7 +461,7 @@ class Checkpointer:
         trainer_state = _torch_load(path / "trainer.pt")
         saved_world = trainer_state.get("world_size", 1)
         if saved_world != self.info.world_size:
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"{path}: written by {saved_world} processes, this run has {self.info.world_size}; "
                 "exact resumption needs the same number (data shards and RNG are per rank)"
             )
@@ -507,10 +543,10 @@ def _optimizers(optimizer: Any) -> Any:
     return tuple(optimizer.optimizers) if hasattr(optimizer, "optimizers") else optimizer
 
 
-def _describe_os_error(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
+def _describe_write_error(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left on device" in str(exc):
         return f"disk full: {exc}"
-    return str(exc)
+    return str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
 
 
 def _raise(message: str) -> Any:

@@ -29,6 +29,9 @@ from llm.config.defaults import WandbConfig
 MAX_HISTOGRAM_BINS = 512  # W&B rejects histograms with more bins
 
 
+METRICS_FILE = "metrics.jsonl"  # in the run directory
+
+
 @dataclass
 class Histogram:
     """A histogram already binned: ``counts`` (n,) and ``edges`` (n + 1,), n <= 512."""
@@ -261,7 +264,7 @@ def build_logger(
     if not is_main:
         return NullLogger()
     out = Path(config.train_config.output_dir)
-    loggers: list[Any] = [JsonlLogger(out / "metrics.jsonl", keep_until_step=resume_step), ConsoleLogger(total_steps)]
+    loggers: list[Any] = [JsonlLogger(out / METRICS_FILE, keep_until_step=resume_step), ConsoleLogger(total_steps)]
     if config.wandb_config.enabled:
         mode = wandb_mode(config.wandb_config)
         if mode != "disabled":

@@ -36,7 +36,7 @@ from llm.models.generation import prompt_token_ids
 from llm.training import distributed
 from llm.training.checkpoint import Checkpointer, checkpoint_step, set_rng_state
 from llm.training.distributed import autocast_dtype
-from llm.training.metrics import Throughput, build_logger, memory_gib, peak_flops
+from llm.training.metrics import METRICS_FILE, Throughput, build_logger, memory_gib, peak_flops
 from llm.training.optim import build_optimizer, clip_grad_norm
 from llm.training.schedule import apply_lr, build_schedule
 from llm.utils.experts.tracking import ExpertUsageTracker
@@ -373,6 +373,9 @@ def restore(checkpointer, resume, model, optimizer, loader, tracker, config, inf
         say(info, f"--resume: no checkpoint under {checkpointer.root}; starting from step 0")
         return TrainState(), None
     path, trainer_state, rank_state = loaded
+    aside = checkpointer.set_aside_newer(int(trainer_state["step"]), [checkpointer.root.parent / METRICS_FILE])
+    if aside is not None:
+        say(info, f"resuming from an older checkpoint: the newer ones and a copy of {METRICS_FILE} moved to {aside}")
     loader.load_state_dict(rank_state["data"])
     tracker.load_state_dict(rank_state.get("experts", {}))
     fields = TrainState.__dataclass_fields__

@@ -77,6 +77,42 @@ def test_latest_skips_incomplete_and_falls_back_past_corrupt(tmp_path, caplog):
     assert "step_00000002 is unusable" in text and "falling back to step_00000001" in text
 
 
+def test_latest_with_no_usable_checkpoint_stops_instead_of_starting_over(tmp_path):
+    """Starting from step 0 would overwrite the run's checkpoints and metrics: every reason is listed."""
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path, keep_last=5)
+    for step in (1, 2):
+        weights = _save(cp, step, model, opt) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"none of the 2 complete checkpoints .*\(step_00000002: .*; step_00000001: .*nothing was changed"):
+        cp.load("latest", *_trained(seed=1), Config())
+    assert len(cp.complete()) == 2
+
+
+def test_another_world_size_is_never_skipped_for_an_older_checkpoint(tmp_path):
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path, keep_last=5)
+    for step in (1, 2):
+        _save(cp, step, model, opt)
+    two_ranks = ckpt.distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(ckpt.CheckpointMismatchError, match="written by 1 processes, this run has 2"):
+        Checkpointer(tmp_path, keep_last=5, info=two_ranks).load("latest", model, opt, Config())
+
+
+def test_rollback_sets_newer_checkpoints_and_the_log_aside(tmp_path):
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        _save(cp, step, model, opt)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 3}\n')
+    aside = cp.set_aside_newer(2, [tmp_path / "metrics.jsonl"])
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000003"]
+    assert [p.name for p in cp.complete()] == ["step_00000002"] and cp.latest().name == "step_00000002"
+    _save(cp, 4, model, opt)  # the resumed run's next checkpoint is kept (it is the newest now)
+    assert [p.name for p in cp.complete()] == ["step_00000002", "step_00000004"]
+    assert cp.set_aside_newer(4, []) is None
+
+
 def test_explicit_corrupt_or_incomplete_checkpoint_is_a_clear_error(tmp_path):
     model, opt = _trained()
     cp = Checkpointer(tmp_path)
@@ -122,6 +158,21 @@ def test_disk_full_while_saving_keeps_previous(tmp_path, monkeypatch):
     assert cp.complete() == [first] and not list(cp.root.glob(".tmp_*"))
     monkeypatch.undo()
     assert cp.load("latest", *_trained(seed=2), Config())[0] == first
+
+
+def test_non_oserror_write_failures_keep_previous(tmp_path, monkeypatch):
+    """safetensors raises its own error type on a full disk, torch.save a RuntimeError: same handling."""
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path)
+    first = _save(cp, 1, model, opt)
+
+    def full(state, path):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(ckpt, "_write_safetensors", full)
+    with pytest.raises(CheckpointError, match=r"disk full: .*step_00000001 is intact"):
+        _save(cp, 2, model, opt)
+    assert cp.complete() == [first] and not list(cp.root.glob(".tmp_*"))
 
 
 def test_crash_during_write_leaves_previous_loadable(tmp_path):

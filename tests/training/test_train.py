@@ -149,3 +149,25 @@ def test_max_tokens_sets_the_length(tiny_config):
     tc = TrainConfig(max_tokens=1000, batch_size=2, grad_accum_steps=2)
     assert train_mod.total_training_steps(tc, seq_len=32, world_size=2) == math.ceil(1000 / 256)
     assert train_mod.total_training_steps(TrainConfig(max_steps=7), 32, 1) == 7
+
+
+def test_rollback_to_an_older_checkpoint_keeps_the_abandoned_run_aside(tiny_config):
+    """Resuming from step 2 of a run that reached step 6: the newer checkpoints and the old metrics move to
+    an abandoned_* folder, the resumed run's own checkpoints are kept, and a later plain --resume
+    continues the resumed run, not the abandoned one."""
+    run = tiny_config("train_config.max_steps=6", "train_config.checkpoint_interval=2", "eval_config.sample_tokens=0")
+    train_mod.train(run)
+    cp = Checkpointer(run.train_config.output_dir)
+    rollback = tiny_config(
+        "train_config.max_steps=3", "train_config.checkpoint_interval=2", "train_config.keep_last_checkpoints=2",
+        "eval_config.sample_tokens=0",
+    )  # fmt: skip
+    result = train_mod.train(rollback, resume=str(cp.root / "step_00000002"))
+    assert [p.name for p in cp.complete()] == ["step_00000002", "step_00000003"]
+    assert result.checkpoint == str(cp.root / "step_00000003")
+    (aside,) = cp.root.glob("abandoned_after_step_00000002_*")
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000004", "step_00000006"]
+    assert max(r["step"] for r in _records(Path(run.train_config.output_dir))) == 3
+    later = tiny_config("train_config.max_steps=4", "eval_config.sample_tokens=0")
+    train_mod.train(later, resume="latest")
+    assert cp.latest().name == "step_00000004" and (aside / "step_00000004").is_dir()
