@@ -7,6 +7,7 @@ trainer calls them unconditionally. Backend: NCCL on CUDA, gloo on CPU (CI runs 
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
@@ -91,6 +92,55 @@ def all_true(flag: bool) -> bool:
 
 def any_true(flag: bool) -> bool:
     return not all_true(not flag)
+
+
+class DeferredVote:
+    """Ranks agree on a per-step flag (any rank stops -> all stop) without a per-step host sync.
+
+    Step s launches an asynchronous all-reduce of this rank's flag; its result is read at step s + LAG,
+    when it has long completed, so every rank sees the same answer at the same step. With NCCL the
+    reduced flag is copied to pinned host memory behind an event, and reading it waits at most until
+    the GPU has finished step s. Without a process group the flag is its own answer, at once.
+    """
+
+    LAG = 2
+
+    def __init__(self) -> None:
+        self._pending: collections.deque = collections.deque()
+
+    def vote(self, flag: bool) -> bool:
+        """Record this step's flag; True when the vote of LAG steps ago found a flag on any rank."""
+        if not dist.is_initialized():
+            return flag
+        device = _collective_device()
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        if device.type == "cuda":
+            work.wait()  # orders the copy after the reduction on the stream; the host does not block
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((None, host, event))
+        else:
+            self._pending.append((work, t, None))
+        if len(self._pending) <= self.LAG:
+            return False
+        work, value, event = self._pending.popleft()
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return bool(value.item())
+
+    def drain(self) -> None:
+        """Wait for the votes still in flight (every rank cast the same number, so they complete)."""
+        while self._pending:
+            work, _, event = self._pending.popleft()
+            if work is not None:
+                work.wait()
+            if event is not None:
+                event.synchronize()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,9 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
         )
         with StopSignals() as signals:
             status = loop.run(state, total_steps, signals)
-        result = loop.finish(state, status)
+            # still handled: a signal during the final evaluation must not kill the finished run (exit 143)
+            signals.finishing = True
+            result = loop.finish(state, status)
         logger.close()
         return result
     finally:
@@ -157,7 +159,6 @@ class Loop:
         self.last_checkpoint: Path | None = None
 
     def run(self, state: TrainState, total_steps: int, signals: StopSignals) -> str:
-        tc = self.tc
         from llm.utils.eval.size import flops_per_token
 
         peak = peak_flops(self.info.device)
@@ -165,6 +166,15 @@ class Loop:
         meter = Throughput(fpt, peak * self.info.world_size if peak else None, total_steps, state.step)
         meter.start(state.step, state.tokens)
         self.batches = iter(self.loader)
+        stop_vote = distributed.DeferredVote()
+        try:
+            return self._steps(state, total_steps, signals, meter, stop_vote)
+        finally:
+            stop_vote.drain()
+
+    def _steps(self, state, total_steps, signals, meter, stop_vote) -> str:
+        """The step loop: "completed", "interrupted" (a signal, agreed by every rank) or "nonfinite"."""
+        tc = self.tc
         while state.step < total_steps:
             lr = self.schedule.lr(state.step)
             apply_lr(self.optimizer, lr)
@@ -183,11 +193,9 @@ class Loop:
                 self.evaluate(state.step)
             if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
                 self.save(state)
-            # Ranks agree on stopping through an all-reduce, a host sync that would stall the next step's
-            # launches: across processes it runs on log steps only (at most log_interval steps of delay).
-            if (not self.info.enabled or state.step % tc.log_interval == 0) and distributed.any_true(
-                signals.received is not None
-            ):
+            # Ranks agree on stopping through a deferred all-reduce (no host sync per step): a signal is
+            # acted on DeferredVote.LAG steps later on every rank, well inside torchrun's 30 s grace period.
+            if stop_vote.vote(signals.received is not None):
                 return "interrupted"
         return "completed"
 
@@ -444,17 +452,15 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self.finishing = False  # training is over: the last checkpoint is written, evaluation runs
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
-        print(
-            f"received {self.received}: checkpointing after this step (Ctrl-C again to abort)",
-            file=sys.stderr,
-            flush=True,
-        )
+        then = "finishing the final evaluation" if self.finishing else "checkpointing after this step"
+        print(f"received {self.received}: {then} (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():

@@ -108,3 +108,39 @@ def test_ddp_keeps_each_ranks_usage_counts(tmp_path):
     for result in saved:
         assert torch.equal(result["counts"], result["expected"])
     assert not torch.equal(saved[0]["counts"], saved[1]["counts"])  # the ranks really saw different tokens
+
+
+def _vote_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from llm.training.distributed import DeferredVote
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    vote = DeferredVote()
+    answers = [vote.vote(rank == 1 and step >= 3) for step in range(8)]  # only rank 1 is signalled, at step 3
+    vote.drain()
+    torch.save(answers, f"{out_dir}/vote{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_deferred_vote_stops_every_rank_at_the_same_step(tmp_path):
+    """A stop flag raised on one rank is seen by all ranks LAG steps later, at the same step."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    from llm.training.distributed import DeferredVote
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_vote_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    answers = [torch.load(tmp_path / f"vote{r}.pt") for r in (0, 1)]
+    first = 3 + DeferredVote.LAG
+    assert answers[0] == answers[1] == [step >= first for step in range(8)]
+    assert DeferredVote().vote(True)  # one process: the flag is its own answer at once
