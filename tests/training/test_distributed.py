@@ -93,17 +93,23 @@ def _usage_counts_worker(rank: int, world_size: int, port: int, out_dir: str) ->
     dist.destroy_process_group()
 
 
-def test_ddp_keeps_each_ranks_usage_counts(tmp_path):
-    """DDP must not overwrite a rank's PEER usage tallies with rank 0's (broadcast_buffers)."""
+def _spawn_two_gloo_ranks(worker, tmp_path) -> None:
+    """Run ``worker(rank, 2, port, out_dir)`` in two processes (each joins a gloo group on a free port)."""
     import socket
 
-    import torch
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_usage_counts_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+
+
+def test_ddp_keeps_each_ranks_usage_counts(tmp_path):
+    """DDP must not overwrite a rank's PEER usage tallies with rank 0's (broadcast_buffers)."""
+    import torch
+
+    _spawn_two_gloo_ranks(_usage_counts_worker, tmp_path)
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for result in saved:
         assert torch.equal(result["counts"], result["expected"])
@@ -129,17 +135,11 @@ def _vote_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def test_deferred_vote_stops_every_rank_at_the_same_step(tmp_path):
     """A stop flag raised on one rank is seen by all ranks LAG steps later, at the same step."""
-    import socket
-
     import torch
-    import torch.multiprocessing as mp
 
     from llm.training.distributed import DeferredVote
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_vote_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    _spawn_two_gloo_ranks(_vote_worker, tmp_path)
     answers = [torch.load(tmp_path / f"vote{r}.pt") for r in (0, 1)]
     first = 3 + DeferredVote.LAG
     assert answers[0] == answers[1] == [step >= first for step in range(8)]
