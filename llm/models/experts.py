@@ -101,7 +101,8 @@ class PEER(nn.Module):
         - sub-keys: N(0, 1/q), so each part's sub-key scores have unit variance for a unit-variance query.
         - u (and g): N(0, 1/D) rows, so pre-activations u_i . x are ~N(0, 1) for a unit-RMS input.
         - v: N(0, sigma^2) with sigma^2 = 1 / (D * E[act^2] * S), S = expected sum over a token's H*K*M
-          active neurons of weight^2 (softmax ~ uniform: H*M/K; sigmoid ~ 1/2: H*K*M/4). Each output
+          active neurons of weight^2 (softmax ~ uniform: H*M/K; sigmoid: H*K*M, since the top-k of ~10^6
+          scores sit several sigma up, where the sigmoid is ~1). Each output
           coordinate then starts with variance ~1/D (output norm ~1, RMS ~D^-1/2: near zero next to the
           residual stream), while v != 0 lets gradients reach u, the queries and the sub-keys from step 1.
         """
@@ -113,7 +114,7 @@ class PEER(nn.Module):
         if self.g is not None:
             nn.init.normal_(self.g, std=self.dim**-0.5)
         H, K, M = cfg.num_heads, cfg.num_experts_per_tok, cfg.expert_hidden_size
-        sum_sq_weights = H * M / K if cfg.score_fn == "softmax" else H * K * M / 4
+        sum_sq_weights = H * M / K if cfg.score_fn == "softmax" else H * K * M
         second_moment = _ACT_SECOND_MOMENT[cfg.activation]
         nn.init.normal_(self.v, std=1.0 / math.sqrt(self.dim * second_moment * sum_sq_weights))
         if isinstance(self.query_norm, (nn.LayerNorm, nn.BatchNorm1d)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 from torch import Tensor
@@ -57,13 +58,18 @@ def peer_experts(
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel: got {kernel!r}; allowed: {' | '.join(KERNELS)}")
+    if kernel == "triton" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"model_config.peer_config.kernel: 'triton' needs a CUDA device (the input is on {x.device.type}); "
+            "use 'auto' (Triton on CUDA, PyTorch elsewhere) or 'torch'"
+        )
     if kernel == "triton" or (kernel == "auto" and x.is_cuda):
         fn, reason = _load_triton()
         if fn is not None:
             return fn(x, indices, scores, u, v, activation, g=g, sparse_grad=sparse_grad)
         if kernel == "triton":
-            raise RuntimeError(
-                f"kernel='triton' but llm.ops.triton_peer_kernels could not be imported ({reason}); "
+            raise ValueError(
+                f"model_config.peer_config.kernel: 'triton' but llm.ops.triton_peer_kernels could not be imported ({reason}); "
                 "install triton or set peer_config.kernel to 'torch' or 'auto'"
             )
         _warn_fallback(reason)

@@ -153,6 +153,17 @@ class RowSparseAdamW(torch.optim.Optimizer):
             use = p.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
         return row_adamw_triton_ if use else row_adamw_reference_
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts loaded moments to each parameter's dtype; put them back in ``state_dtype`` so a
+        resumed run keeps the moments' precision (and its updates) of the uninterrupted one."""
+        super().load_state_dict(state_dict)
+        if self.state_dtype is None:
+            return
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.state_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

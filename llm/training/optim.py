@@ -28,11 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def table_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every PEER expert table in ``model`` (any submodule exposing ``table_parameters()``), deduplicated."""
+    """Every PEER expert table in ``model`` (itself or any submodule exposing ``table_parameters()``),
+    deduplicated."""
     seen: set[int] = set()
     tables = []
     for module in model.modules():
-        if hasattr(module, "table_parameters") and module is not model:
+        if hasattr(module, "table_parameters"):
             for p in module.table_parameters():
                 if id(p) not in seen:
                     seen.add(id(p))

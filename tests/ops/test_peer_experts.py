@@ -47,7 +47,15 @@ def test_triton_kernel_is_called_with_the_contract(monkeypatch):
 def test_triton_unavailable_raises_for_triton(monkeypatch):
     monkeypatch.setattr(dispatch, "_load_triton", lambda: (None, "ImportError: no module named triton"))
     x, idx, s, u, v = inputs()
-    with pytest.raises(RuntimeError, match="kernel='triton'.*no module named triton"):
+    with pytest.raises(ValueError, match="peer_config.kernel: 'triton' but .*no module named triton"):
+        dispatch.peer_experts(x, idx, s, u, v, "gelu", kernel="triton")
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_config_error(monkeypatch):
+    """Triton kernels need a GPU (or TRITON_INTERPRET=1): one line naming the field, not a driver traceback."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, idx, s, u, v = inputs()
+    with pytest.raises(ValueError, match="peer_config.kernel: 'triton' needs a CUDA device .*on cpu"):
         dispatch.peer_experts(x, idx, s, u, v, "gelu", kernel="triton")
 
 

@@ -48,6 +48,13 @@ def test_groups_split_decay_no_decay_and_tables():
     assert groups["tables"]["weight_decay"] == 0.01 and groups["tables"]["lr_multiplier"] == 5.0
 
 
+def test_a_bare_peer_layer_gets_the_table_group():
+    """The tables of a PEER layer passed on its own (not inside a model) still form the table group."""
+    peer = FakePEER()
+    groups = {g["name"]: g for g in param_groups(TrainConfig(), peer, PEERConfig(table_lr_multiplier=5.0))}
+    assert _names(peer, groups["tables"]) == ["u", "v"] and groups["tables"]["lr_multiplier"] == 5.0
+
+
 def test_build_optimizer_adamw_covers_every_parameter_once():
     model = Net()
     opt = build_optimizer(TrainConfig(), model, PEERConfig())

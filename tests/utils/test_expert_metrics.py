@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from llm.utils.experts import metrics as M
@@ -47,3 +48,12 @@ def test_summarize_keys():
     s = M.summarize(torch.tensor([4, 0, 0, 0]), [2, 2], top=2)
     assert s["usage_fraction"] == 0.25 and s["top1_share"] == 1.0 and s["dead_subkeys_p0"] == 1.0
     assert s["hottest"].startswith("0:1.0000") and s["selections"] == 4.0
+
+
+def test_per_head_counts_are_refused_with_the_fix():
+    """(H, N) tallies must be summed over heads first: per-head ids would not be expert ids."""
+    per_head = torch.zeros(2, 16, dtype=torch.int64)
+    per_head[:, 3] = 1
+    with pytest.raises(ValueError, match=r"one \(N,\) vector; got shape \(2, 16\) \(sum over heads first\)"):
+        M.summarize(per_head, [4, 4])
+    assert M.hottest(per_head.sum(0), 1) == ([3], [1.0])

@@ -1,6 +1,6 @@
 """Expert-usage statistics: pure functions of a selection-count tensor.
 
-``counts`` is (N,) for one head (or heads summed) or (H, N) per head, N = prod(product_key_dim),
+``counts`` is (N,): one head's counts, or the heads' summed (sum an (H, N) tally over dim 0 first), N = prod(product_key_dim),
 expert ids row-major over the product-key grid (GUIDE §2). The tracker logs these during training;
 ``scripts/analyze_model.py`` uses them too.
 
@@ -50,8 +50,10 @@ def dead_subkeys(counts: torch.Tensor, product_key_dim: list[int]) -> list[int]:
 
 
 def hottest(counts: torch.Tensor, k: int = 5) -> tuple[list[int], list[float]]:
-    """The k most selected expert ids and each one's share of all selections."""
-    c = counts.reshape(-1)
+    """The k most selected expert ids and each one's share of all selections; counts (N,)."""
+    if counts.dim() != 1:
+        raise ValueError(f"expert usage counts must be one (N,) vector; got shape {tuple(counts.shape)} (sum over heads first)")
+    c = counts
     total = float(c.sum())
     values, ids = torch.topk(c, min(k, c.numel()))
     shares = [float(v) / total if total > 0 else 0.0 for v in values]
@@ -81,6 +83,8 @@ def count_histogram(counts: torch.Tensor, max_bins: int = 64) -> tuple[np.ndarra
 
 def summarize(counts: torch.Tensor, product_key_dim: list[int], top: int = 5) -> dict[str, float | str]:
     """Scalar statistics of one (N,) count vector, keyed by metric name."""
+    if counts.dim() != 1:
+        raise ValueError(f"expert usage counts must be one (N,) vector; got shape {tuple(counts.shape)} (sum over heads first)")
     ids, shares = hottest(counts, top)
     out: dict[str, float | str] = {
         "selections": float(counts.sum()),
