@@ -291,7 +291,10 @@ def plan_study(
         run_dir = Path(output_dir) / name
         try:
             config = with_overrides(base, overrides)
-            config = with_overrides(config, run_settings(config, run_dir, coords, tokens))
+            length_axis = any(k in overrides for k in ("train_config.max_tokens", "train_config.max_steps"))
+            if tokens > 0 and length_axis:
+                notes.append(f"run {name}: its axis sets the run length, so --tokens/tokens_per_run does not apply")
+            config = with_overrides(config, run_settings(config, run_dir, coords, 0 if length_axis else tokens))
         except ConfigError as exc:
             raise AblationError(f"run {name}: {exc}") from None
         dc = config.dataset_config
@@ -444,7 +447,8 @@ class Runner:
                 for proc in self.procs:
                     proc.send_signal(signal.SIGTERM)  # the trainer finishes its step and checkpoints
 
-        return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too: a closed terminal must not orphan the trainers (they run in their own sessions)
+        return {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def _train(self, run: PlannedRun) -> None:
         if self.stop.is_set():
@@ -458,7 +462,10 @@ class Runner:
 
     def _attempt(self, run: PlannedRun, device: str) -> None:
         run_dir = self.dir / run.name
-        cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(run_dir / "config.yaml")]
+        # The run's folder as this runner sees it: config.yaml holds the path as planned, which is wrong
+        # for a study resumed from another working directory, or copied or moved since.
+        cmd = [sys.executable, str(TRAIN_SCRIPT), "--config", str(run_dir / "config.yaml"),
+               "--set", f"train_config.output_dir={run_dir.resolve()}"]  # fmt: skip
         if (run_dir / "checkpoints").is_dir():
             cmd.append("--resume")  # continues from the latest complete checkpoint (none: from step 0)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": device}
@@ -484,9 +491,9 @@ class Runner:
             self.procs.discard(proc)
             run.wall_s += time.monotonic() - began
             run.returncode = rc
-            if rc == 0 and run_finished(run_dir):
+            if run_finished(run_dir):  # also when a stop signal arrived as it was finishing (rc != 0)
                 run.status, run.error = "completed", ""
-            elif rc == 0:
+            elif rc == 0 or self.stop.is_set():
                 run.status, run.error = "interrupted", ""
             else:
                 run.status, run.error = "failed", _tail(log_path, start)

@@ -67,6 +67,18 @@ def write_summary(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], 
     return rows, metric
 
 
+# Config keys that decide which tokens the held-out loss is measured on (data_mix has its own note).
+HELD_OUT_KEYS = (
+    "train_config.batch_size", "eval_config.eval_batches", "dataset_config.seq_len", "dataset_config.seed",
+    "dataset_config.tokenizer", "dataset_config.sources", "dataset_config.datasets_file",
+)  # fmt: skip
+
+
+def _held_out_changes(study: Study) -> dict[str, list[str]]:
+    """run name -> the held-out-defining keys its overrides set."""
+    return {run.name: keys for run in study.runs if (keys := [k for k in HELD_OUT_KEYS if k in run.overrides])}
+
+
 def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> str:
     done = [r for r in rows if r.get("rank")]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "failed", "interrupted", "pending")}
@@ -74,7 +86,11 @@ def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> st
     out = [f"# Ablation results ({study.strategy}, base {study.base_config})", ""]
     out.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(rows)} runs; ranked by {label}.")
     if study.tokens:
-        out.append(f"Every run trains {format_count(study.tokens)} tokens.")
+        own_length = [r.name for r in study.runs if {"train_config.max_tokens", "train_config.max_steps"} & set(r.overrides)]
+        out.append(
+            f"Every run trains {format_count(study.tokens)} tokens"
+            + (f", except {', '.join(own_length)}, whose axis sets the length." if own_length else ".")
+        )
     if done:
         best = done[0]
         changed = {k: v for r in study.runs if r.name == best["run"] for k, v in r.overrides.items()}
@@ -111,6 +127,13 @@ def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> st
         out += ["", "Note: each data_mix run's held-out loss is measured on its own mix's validation data, so the"
                 " losses of different mixes are not directly comparable; evaluate every checkpoint on one common"
                 " set (scripts/run_evaluation.py) before choosing a mix."]  # fmt: skip
+    changed = _held_out_changes(study)
+    if changed:
+        out += ["", "Note: " + "; ".join(f"{run} sets {', '.join(keys)}" for run, keys in changed.items())
+                + ". These settings also change the held-out set (its size is batch_size x eval_batches x seq_len"
+                " tokens; its documents depend on the mix, the tokenizer and the data seed), so those runs' losses"
+                " are measured on other data than the rest; compare them on one common set with"
+                " scripts/run_evaluation.py before choosing."]  # fmt: skip
     unfinished = [r for r in rows if r["status"] != "completed"]
     if unfinished:
         out += ["", "## Not finished", ""]

@@ -93,6 +93,20 @@ def test_tokens_and_config_axes(tmp_path):
     assert all(c.train_config.max_tokens == 5_000_000_000 for c in configs.values())
 
 
+def test_an_axis_that_sets_the_run_length_keeps_it_and_held_out_changes_are_noted(tmp_path):
+    axes = ("ablation_config.axes={budget: {small: {train_config.max_tokens: 1000}, big: {train_config.max_tokens: 4000}},"
+            " bs: {b2: {train_config.batch_size: 2}}}")  # fmt: skip
+    study, configs = _plan(TINY, axes, axes=["budget", "bs"], tokens=2000)
+    assert configs["budget=small"].train_config.max_tokens == 1000 and configs["budget=big"].train_config.max_tokens == 4000
+    assert configs["baseline"].train_config.max_tokens == 2000
+    assert any("budget=small" in n and "does not apply" in n for n in study.notes)
+    from llm.training.ablation_report import render_markdown
+
+    text = render_markdown(study, summary_rows(study, tmp_path)[0], "val_loss")  # nothing trained yet
+    assert "bs=b2 sets train_config.batch_size" in text and "other data than the rest" in text
+    assert "except budget=small, budget=big, whose axis sets the length" in text
+
+
 def test_bad_combination_is_named_before_anything_runs(tmp_path):
     axes = "ablation_config.axes={experts: {odd: {model_config.peer_config.num_experts: 100}}}"
     with pytest.raises(AblationError, match=r"run experts=odd: model_config\.peer_config\.product_key_dim"):
