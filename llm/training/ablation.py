@@ -534,6 +534,8 @@ def ablate(
     Bad input raises ``AblationError``/``ConfigError`` (``ValueError``s) before any run starts.
     """
     study_dir = Path(output_dir)
+    if study_dir.exists() and not study_dir.is_dir():
+        raise AblationError(f"--output-dir: {study_dir} is a file; give a directory for the study")
     devices = _devices(gpus)  # checked before anything is written
     if resume:
         given = {"--base-config": base_config, "--set": list(overrides) or None, "--axes": axes,

@@ -67,3 +67,20 @@ def test_verify_and_expert_utilisation_from_a_checkpoint(tmp_path, capsys):
     assert "expert utilisation over 256 validation tokens (2 batches of 4)" in out  # seq_len 32
     block, used, kl, *_ = out.splitlines()[-1].split()  # one PEER block: first_k_dense=1 of 2 blocks
     assert block == "1" and 0 < float(used.rstrip("%")) <= 100 and float(kl) >= 0
+
+
+def test_evaluation_uses_the_checkpoints_tokenizer(tmp_path):
+    """--config may name another tokenizer (e.g. a study's data config): the checkpoint's model reads
+    its own tokenizer's ids, so the result is the same; --batches below 1 is refused."""
+    from llm.config import load_config
+    from llm.data.tokenizer import train_bpe
+    from llm.utils.eval.perplexity import evaluate_checkpoint
+
+    _, _, saved = save_tiny_checkpoint(tmp_path / "run", 3)
+    other = train_bpe(["words of another tokenizer"] * 20, vocab_size=300)
+    other.save(tmp_path / "other_tok")
+    base = load_config(ROOT / "configs/tiny.yaml", TINY)
+    with_other = load_config(ROOT / "configs/tiny.yaml", [*TINY, f"dataset_config.tokenizer={tmp_path / 'other_tok'}"])
+    assert evaluate_checkpoint(saved, with_other, batches=2) == evaluate_checkpoint(saved, base, batches=2)
+    with pytest.raises(ValueError, match="--batches: got -1; must be >= 1"):
+        evaluate_checkpoint(saved, base, batches=-1)

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from trainer_helpers import PYTHON, ROOT, script_env, tiny_overrides
@@ -105,6 +106,33 @@ def test_an_axis_that_sets_the_run_length_keeps_it_and_held_out_changes_are_note
     text = render_markdown(study, summary_rows(study, tmp_path)[0], "val_loss")  # nothing trained yet
     assert "bs=b2 sets train_config.batch_size" in text and "other data than the rest" in text
     assert "except budget=small, budget=big, whose axis sets the length" in text
+
+
+def test_runner_trains_each_run_in_its_folder_as_seen_now(tmp_path, monkeypatch):
+    """config.yaml keeps the folder as planned (relative, or of the original location of a copied study);
+    the runner names the folder it actually holds, so the trainer writes and resumes there."""
+    from llm.training import ablation
+
+    launched = []
+
+    class FakeProcess:
+        def __init__(self, cmd, **kwargs):
+            launched.append(cmd)
+
+        def wait(self):
+            return 0
+
+        def send_signal(self, sig):
+            pass
+
+    monkeypatch.setattr(ablation.subprocess, "Popen", FakeProcess)
+    monkeypatch.chdir(tmp_path)
+    study = Study("base.yaml", "one_at_a_time", {}, {}, 0, runs=[PlannedRun("baseline", {}, {})])
+    (tmp_path / "copied_study" / "baseline").mkdir(parents=True)
+    ablation.Runner(study, Path("copied_study"), ["0"], say=lambda _: None).run()
+    (cmd,) = launched
+    assert f"train_config.output_dir={tmp_path / 'copied_study' / 'baseline'}" in cmd
+    assert study.runs[0].status == "interrupted"  # exit 0 without a final evaluation
 
 
 def test_bad_combination_is_named_before_anything_runs(tmp_path):

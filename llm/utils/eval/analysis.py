@@ -129,38 +129,43 @@ def plot_report(report: ParameterReport, path: str | Path) -> Path:
 def expert_utilisation(config: Config, checkpoint: str | Path, num_batches: int = 8, batch_size: int = 4) -> str:
     """Per PEER block: fraction of experts used, KL from uniform, hottest experts, on validation data.
 
-    The model and its config come from the checkpoint; the validation data from ``config``.
+    The model, its config and its tokenizer come from the checkpoint; the validation data from ``config``.
+    Padding positions (label -100) are not counted.
     """
     import torch
 
     from llm.data import build_tokenizer, build_val_loader
+    from llm.data.packing import IGNORE_INDEX
     from llm.models.hf_export import model_from_checkpoint
     from llm.utils.experts.metrics import hottest, kl_from_uniform, usage_fraction
 
-    _, model = model_from_checkpoint(checkpoint)
+    saved, model = model_from_checkpoint(checkpoint)
     model.eval()
     peers = model.peer_modules()
     if not peers:
         return "expert utilisation: the model has no PEER blocks"
     counts = {i: torch.zeros(peer.num_experts, dtype=torch.int64) for i, peer in peers}  # heads summed
 
+    real = {}  # the current batch's (B, T) mask of positions that are not padding
+
     def recorder(index: int):
         def record(module, args):
-            _, idx = module.retrieve(args[0])  # (..., H, K) flat expert ids
-            counts[index] += torch.bincount(idx.reshape(-1), minlength=module.num_experts)
+            _, idx = module.retrieve(args[0])  # (B, T, H, K) flat expert ids
+            counts[index] += torch.bincount(idx[real["mask"]].reshape(-1), minlength=module.num_experts)
 
         return record
 
     handles = [peer.register_forward_pre_hook(recorder(i)) for i, peer in peers]
-    tokenizer = build_tokenizer(config.dataset_config)
+    tokenizer = build_tokenizer(saved.dataset_config)
     tokens = batches = 0
     try:
         with torch.no_grad():
             for batch in build_val_loader(config.dataset_config, tokenizer, batch_size):
                 if batches == num_batches:
                     break
+                real["mask"] = batch["labels"] != IGNORE_INDEX
                 model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-                tokens += batch["input_ids"].numel()
+                tokens += int(real["mask"].sum())
                 batches += 1
     finally:
         for handle in handles:

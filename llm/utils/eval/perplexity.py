@@ -74,17 +74,20 @@ def evaluate_perplexity(
 def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | None = None) -> dict[str, float]:
     """Perplexity of a checkpoint's model on ``config``'s validation data (single process).
 
-    The model is built from the checkpoint's own saved config (so a ``config`` for another model size can
-    never allocate the wrong model or fail on a shape mismatch); ``config`` supplies data and evaluation.
+    The model and its tokenizer come from the checkpoint's own saved config (so a ``config`` for another
+    model size or tokenizer can never allocate the wrong model or feed it foreign token ids); ``config``
+    supplies the data and the evaluation settings.
     """
+    if batches is not None and batches < 1:
+        raise ValueError(f"--batches: got {batches}; must be >= 1 (omit it for eval_config.eval_batches)")
     from llm.data import build_tokenizer, build_val_loader
     from llm.models.hf_export import model_from_checkpoint
     from llm.training.distributed import autocast_dtype, pick_device
 
     device = pick_device(config.train_config)
-    _, model = model_from_checkpoint(checkpoint_dir)
+    saved, model = model_from_checkpoint(checkpoint_dir)
     model.to(device)
-    tokenizer = build_tokenizer(config.dataset_config)
+    tokenizer = build_tokenizer(saved.dataset_config)
     val = build_val_loader(config.dataset_config, tokenizer, config.train_config.batch_size)
     dtype = autocast_dtype(config.train_config, device)
     return evaluate_perplexity(model, val, batches or config.eval_config.eval_batches, device, dtype)
