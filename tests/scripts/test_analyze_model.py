@@ -84,3 +84,19 @@ def test_evaluation_uses_the_checkpoints_tokenizer(tmp_path):
     assert evaluate_checkpoint(saved, with_other, batches=2) == evaluate_checkpoint(saved, base, batches=2)
     with pytest.raises(ValueError, match="--batches: got -1; must be >= 1"):
         evaluate_checkpoint(saved, base, batches=-1)
+
+
+def test_expert_utilisation_counts_real_tokens_only(tmp_path):
+    """A validation split of one short document fills its batch with padding: only real positions count."""
+    import json
+
+    from llm.utils.eval.analysis import expert_utilisation
+
+    _, _, saved = save_tiny_checkpoint(tmp_path / "run", 3)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": f"train document {i}"}) + "\n" for i in range(20)))
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "short"}) + "\n")
+    source = f"{{type: local, path: {tmp_path / 'train.jsonl'}, validation_split: {tmp_path / 'val.jsonl'}}}"
+    config = load_config(ROOT / "configs/tiny.yaml", [*TINY, f"dataset_config.sources=[{source}]"])
+    report = expert_utilisation(config, saved, num_batches=1, batch_size=4)
+    tokens = int(report.split("expert utilisation over ")[1].split(" ")[0].replace(",", ""))
+    assert 0 < tokens < 16, report  # a few real tokens, not 4 x 32 padded positions

@@ -133,6 +133,27 @@ def test_runner_trains_each_run_in_its_folder_as_seen_now(tmp_path, monkeypatch)
     (cmd,) = launched
     assert f"train_config.output_dir={tmp_path / 'copied_study' / 'baseline'}" in cmd
     assert study.runs[0].status == "interrupted"  # exit 0 without a final evaluation
+    # A run that reached its final evaluation is completed even if a stop signal then ended it (rc -15).
+    FakeProcess.wait = lambda self: -15
+    monkeypatch.setattr(ablation, "run_finished", lambda run_dir: True)
+    ablation.Runner(study, Path("copied_study"), ["0"], say=lambda _: None).run()
+    assert study.runs[0].status == "completed"
+
+
+def test_runner_forwards_a_closed_terminal_to_its_trainers():
+    """SIGHUP (terminal closed) is handled like SIGTERM, so trainers in their own sessions are not orphaned."""
+    import signal
+
+    from llm.training import ablation
+
+    runner = ablation.Runner(Study("b.yaml", "one_at_a_time", {}, {}, 0, runs=[]), Path("."), ["0"], say=lambda _: None)
+    previous = runner._install_signals()
+    try:
+        assert set(previous) == {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        assert signal.getsignal(signal.SIGHUP) is signal.getsignal(signal.SIGTERM)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def test_bad_combination_is_named_before_anything_runs(tmp_path):
