@@ -29,17 +29,24 @@ def main(argv: list[str] | None = None) -> int:
         help="continue from the latest valid checkpoint of output_dir, or from PATH (a checkpoint or run folder)",
     )  # fmt: skip
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument(
+        "--check", action="store_true",
+        help="check the config, output directory and tokenizer, then exit (train.sh runs it before torchrun)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
 
     from llm.training.checkpoint import CheckpointError
-    from llm.training.train import train
+    from llm.training.train import preflight, train
 
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:
             print(dump_config(config), end="")
+            return 0
+        if args.check:
+            preflight(config, args.resume)
             return 0
         result = train(config, resume=args.resume)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:

@@ -9,7 +9,7 @@
 # DRY_RUN=1 prints the torchrun command instead of running it.
 set -euo pipefail
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 
 config="" gpus="" nnodes=1 node_rank=0 master_addr="127.0.0.1" master_port=29500
 passthrough=()
@@ -25,7 +25,7 @@ while [[ $# -gt 0 ]]; do
     --resume)
       if [[ $# -gt 1 && "$2" != --* ]]; then passthrough+=("--resume" "$2"); shift 2
       else passthrough+=("--resume"); shift; fi ;;
-    -h|--help) usage ;;
+    -h|--help) usage 0 ;;
     *) echo "error: unknown argument $1" >&2; usage ;;
   esac
 done
@@ -47,4 +47,6 @@ cmd=("$python" -m torch.distributed.run
 # One OpenMP thread per process unless the caller chose: N processes x all cores oversubscribes.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+# Bad input once, in one line, with exit 2 (under torchrun every rank would print it, then torchrun a traceback).
+"$python" "$here/train.py" --config "$config" "${passthrough[@]}" --check || exit $?
 exec "${cmd[@]}"

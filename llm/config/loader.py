@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import io
+import logging
 import types
 import typing
 from collections.abc import Iterable
@@ -20,6 +21,8 @@ import yaml
 from llm.config.defaults import Config
 from llm.config.errors import ConfigError
 from llm.config.validation import validate_config
+
+log = logging.getLogger(__name__)
 
 
 def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
@@ -81,6 +84,15 @@ def set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# Keys earlier versions wrote that nothing reads any more: accepted with a warning, so their configs and
+# checkpoints still load. Every other unknown key is an error.
+RETIRED_KEYS = {
+    "eval_config.metrics": "removed; it had no effect",
+    "eval_config.evals": "removed; it had no effect",
+    "eval_config.lm_eval_tasks": "removed; it had no effect",
+}
+
+
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     where = prefix or "config"
@@ -90,7 +102,11 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{_join(prefix, str(key))}: unknown key{_suggest(str(key), names)}")
+            dotted = _join(prefix, str(key))
+            if dotted in RETIRED_KEYS:  # written by an older version (e.g. in a checkpoint's config.yaml)
+                log.warning("%s: no longer used (%s); ignored", dotted, RETIRED_KEYS[dotted])
+                continue
+            raise ConfigError(f"{dotted}: unknown key{_suggest(str(key), names)}")
     kwargs = {name: _coerce(hints[name], data[name], _join(prefix, name)) for name in names if name in data}
     return cls(**kwargs)
 

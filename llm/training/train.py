@@ -81,15 +81,8 @@ class LossModule(nn.Module):
 def train(config: Config, resume: str | None = None) -> TrainResult:
     """Train ``config``; ``resume`` = None (fresh), 'latest' or a checkpoint/run folder."""
     tc, dc, mc = config.train_config, config.dataset_config, config.model_config
+    refuse_fresh_run_over_checkpoints(tc.output_dir, resume)
     out = prepare_output_dir(tc.output_dir)
-    previous = None if resume else Checkpointer(out).latest()
-    if previous is not None:
-        # A fresh run would overwrite metrics.jsonl and prune the old, higher-numbered checkpoints' steps
-        # in its favour: refuse rather than lose work.
-        raise ConfigError(
-            f"train_config.output_dir: {out} already holds checkpoints (latest {previous.name}); "
-            "continue with --resume, or choose another output_dir"
-        )
     info = distributed.init_distributed(tc)
     try:
         from llm.data import build_tokenizer, build_train_loader
@@ -314,6 +307,28 @@ class Loop:
 # ----------------------------------------------------------------------------------------
 # Setup helpers
 # ----------------------------------------------------------------------------------------
+
+
+def refuse_fresh_run_over_checkpoints(output_dir: str, resume: str | None) -> None:
+    """A fresh run would overwrite metrics.jsonl and prune the old, higher-numbered checkpoints in its
+    favour: refuse rather than lose work."""
+    previous = None if resume else Checkpointer(output_dir).latest()
+    if previous is not None:
+        raise ConfigError(
+            f"train_config.output_dir: {output_dir} already holds checkpoints (latest {previous.name}); "
+            "continue with --resume, or choose another output_dir"
+        )
+
+
+def preflight(config: Config, resume: str | None) -> None:
+    """The checks that need neither a process group nor a model (``scripts/train.py --check``, which
+    ``scripts/train.sh`` runs once before torchrun, so a bad input is one line and exit 2 instead of one
+    error per rank and torchrun's traceback): the output directory against ``resume``, the tokenizer
+    (a hub tokenizer that cannot be had fails here) and the vocabulary size."""
+    from llm.data import build_tokenizer
+
+    refuse_fresh_run_over_checkpoints(config.train_config.output_dir, resume)
+    check_vocab(build_tokenizer(config.dataset_config).vocab_size, config.model_config)
 
 
 def prepare_output_dir(path: str) -> Path:

@@ -106,3 +106,15 @@ def test_cli_unknown_key_is_one_line_with_suggestion():
     assert "model_config.peer_config.num_expertz" in lines[0]
     assert "num_experts" in lines[0].replace("num_expertz", "")
     assert "Traceback" not in proc.stderr
+
+
+def test_retired_keys_of_older_configs_are_ignored_with_a_warning(tmp_path, caplog):
+    """A checkpoint's config.yaml written by an older version still loads; other unknown keys stay errors."""
+    path = tmp_path / "old.yaml"
+    path.write_text("eval_config:\n  metrics: [perplexity]\n  eval_batches: 3\n")
+    with caplog.at_level("WARNING", logger="llm.config.loader"):
+        assert load_config(path).eval_config.eval_batches == 3
+    assert "eval_config.metrics: no longer used" in caplog.text
+    path.write_text("eval_config:\n  metricz: [perplexity]\n")
+    with pytest.raises(ConfigError, match="eval_config.metricz: unknown key"):
+        load_config(path)

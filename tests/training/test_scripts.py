@@ -38,6 +38,11 @@ def test_train_sh_rejects_bad_arguments():
                  ["--config", "missing.yaml", "--gpus-per-node", "1"], ["--bogus"]):  # fmt: skip
         proc = subprocess.run(["bash", TRAIN_SH, *args], env=script_env(), capture_output=True, text=True)
         assert proc.returncode == 2 and "error:" in proc.stderr, (args, proc.stderr)
+    # a bad config is checked once before torchrun: one line and exit 2, not one per rank plus a traceback
+    args = ["--config", TINY, "--gpus-per-node", "2", "--set", "model_config.peer_config.num_expertz=3"]
+    proc = subprocess.run(["bash", TRAIN_SH, *args], env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert subprocess.run(["bash", TRAIN_SH, "--help"], capture_output=True).returncode == 0
 
 
 def test_train_sh_runs_two_cpu_processes_then_evaluation_script(tmp_path):

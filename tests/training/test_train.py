@@ -171,3 +171,17 @@ def test_rollback_to_an_older_checkpoint_keeps_the_abandoned_run_aside(tiny_conf
     later = tiny_config("train_config.max_steps=4", "eval_config.sample_tokens=0")
     train_mod.train(later, resume="latest")
     assert cp.latest().name == "step_00000004" and (aside / "step_00000004").is_dir()
+
+
+def test_preflight_checks_output_dir_and_tokenizer_without_training(tiny_config):
+    """What scripts/train.sh checks once before torchrun: no model is built, nothing is written."""
+    config = tiny_config("train_config.max_steps=2", "train_config.checkpoint_interval=2", "eval_config.sample_tokens=0")
+    train_mod.preflight(config, None)  # a fresh, empty output_dir
+    assert not Path(config.train_config.output_dir).exists()
+    offline_hub = tiny_config("dataset_config.tokenizer=some-org/not-cached-tokenizer")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        train_mod.preflight(offline_hub, None)
+    train_mod.train(config)
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        train_mod.preflight(config, None)
+    train_mod.preflight(config, "latest")
