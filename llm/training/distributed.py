@@ -97,10 +97,13 @@ def any_true(flag: bool) -> bool:
 class DeferredVote:
     """Ranks agree on a per-step flag (any rank stops -> all stop) without a per-step host sync.
 
-    Step s launches an asynchronous all-reduce of this rank's flag; its result is read at step s + LAG,
-    when it has long completed, so every rank sees the same answer at the same step. With NCCL the
-    reduced flag is copied to pinned host memory behind an event, and reading it waits at most until
-    the GPU has finished step s. Without a process group the flag is its own answer, at once.
+    Step s reduces this rank's flag and the answer is read at step s + LAG, so every rank sees the same
+    answer at the same step. With NCCL the all-reduce is asynchronous and the reduced flag is copied to
+    pinned host memory behind an event: reading it waits at most until the GPU has finished step s, long
+    done by then. With gloo (CPU) the all-reduce completes at once: it costs microseconds there, and
+    keeping gloo's asynchronous work pending beside the training collectives is the suspected cause of
+    a C++ abort seen once in a 2-process FSDP test run.
+    Without a process group the flag is its own answer, at once.
     """
 
     LAG = 2
@@ -115,20 +118,18 @@ class DeferredVote:
         device = _collective_device()
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
         work = dist.all_reduce(t, op=dist.ReduceOp.MAX, async_op=True)
+        work.wait()  # NCCL: orders the copy after the reduction on the stream (no host wait); gloo: done
         if device.type == "cuda":
-            work.wait()  # orders the copy after the reduction on the stream; the host does not block
             host = torch.empty(1, dtype=torch.int32, pin_memory=True)
             host.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self._pending.append((None, host, event))
+            self._pending.append((host, event))
         else:
-            self._pending.append((work, t, None))
+            self._pending.append((t, None))
         if len(self._pending) <= self.LAG:
             return False
-        work, value, event = self._pending.popleft()
-        if work is not None:
-            work.wait()
+        value, event = self._pending.popleft()
         if event is not None:
             event.synchronize()
         return bool(value.item())
@@ -136,9 +137,7 @@ class DeferredVote:
     def drain(self) -> None:
         """Wait for the votes still in flight (every rank cast the same number, so they complete)."""
         while self._pending:
-            work, _, event = self._pending.popleft()
-            if work is not None:
-                work.wait()
+            _, event = self._pending.popleft()
             if event is not None:
                 event.synchronize()
 

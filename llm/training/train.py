@@ -124,6 +124,9 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             signals.finishing = True
             result = loop.finish(state, status)
         logger.close()
+        # Every rank reaches the end before any tears the process group down: a rank destroying it while
+        # a peer's last collective is still in flight aborted with gloo ("terminate called ...").
+        distributed.barrier()
         return result
     finally:
         distributed.cleanup()
