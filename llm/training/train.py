@@ -82,6 +82,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
     """Train ``config``; ``resume`` = None (fresh), 'latest' or a checkpoint/run folder."""
     tc, dc, mc = config.train_config, config.dataset_config, config.model_config
     refuse_fresh_run_over_checkpoints(tc.output_dir, resume)
+    created = not Path(tc.output_dir).exists()
     out = prepare_output_dir(tc.output_dir)
     info = distributed.init_distributed(tc)
     try:
@@ -128,6 +129,11 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
         # a peer's last collective is still in flight aborted with gloo ("terminate called ...").
         distributed.barrier()
         return result
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no empty run directory behind
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only ever removes an empty directory
+        raise
     finally:
         distributed.cleanup()
 

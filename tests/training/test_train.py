@@ -185,3 +185,10 @@ def test_preflight_checks_output_dir_and_tokenizer_without_training(tiny_config)
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train_mod.preflight(config, None)
     train_mod.preflight(config, "latest")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_empty_directory(tiny_config):
+    config = tiny_config("dataset_config.tokenizer=some-org/not-cached-tokenizer")
+    with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
+        train_mod.train(config)
+    assert not Path(config.train_config.output_dir).exists()
