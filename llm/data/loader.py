@@ -19,6 +19,7 @@ default 0 keeps resume exact; the memmap path shuffles sequences exactly (``pret
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,13 +36,9 @@ from llm.data.sources import has_split, iter_source_texts, normalized_weights, r
 from llm.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-_warned: set[str] = set()
-
-
+@functools.cache
 def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
+    log.warning(message)
 STATE_VERSION = 1
 _ENCODE_CHUNK = 16  # documents tokenised per encode_batch call (Rust parallelises within a call)
 

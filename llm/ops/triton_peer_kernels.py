@@ -36,6 +36,7 @@ through the wait (torch's sync debug mode reports no synchronizing call).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -87,6 +88,24 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _entry_tile(idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Sub-entries e0 .. e0 + BLOCK_E of token t: (offs_e, mask_e, score, tile_off, tile_mask).
+
+    Sub-entry e is neuron e % M of slot e // M; tile_off (BLOCK_E, BLOCK_D) addresses its table row of
+    the (N*M, D) view. Shared by the forward and the token-major backward (inlined by Triton).
+    """
+    offs_e = e0 + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    slot = offs_e // M
+    expert = tl.load(idx_ptr + t * HK + slot, mask=mask_e, other=0)
+    row = expert * M + offs_e % M  # (BLOCK_E,) int64 row of the (N*M, D) tables
+    score = tl.load(score_ptr + t * HK + slot, mask=mask_e, other=0.0).to(tl.float32)
+    tile_off = row[:, None] * D + offs_d[None, :]  # (BLOCK_E, BLOCK_D)
+    tile_mask = mask_e[:, None] & mask_d[None, :]
+    return offs_e, mask_e, score, tile_off, tile_mask
+
+
+@triton.jit
 def _peer_fwd_kernel(
     x_ptr,  # (T, D)
     idx_ptr,  # (T, H*K) int64
@@ -112,14 +131,9 @@ def _peer_fwd_kernel(
     x = tl.load(x_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        mask_e = offs_e < E
-        slot = offs_e // M
-        expert = tl.load(idx_ptr + t * HK + slot, mask=mask_e, other=0)
-        row = expert * M + offs_e % M  # (BLOCK_E,) int64 row of the (N*M, D) tables
-        score = tl.load(score_ptr + t * HK + slot, mask=mask_e, other=0.0).to(tl.float32)
-        tile_off = row[:, None] * D + offs_d[None, :]  # (BLOCK_E, BLOCK_D)
-        tile_mask = mask_e[:, None] & mask_d[None, :]
+        offs_e, mask_e, score, tile_off, tile_mask = _entry_tile(
+            idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M, BLOCK_E
+        )
         u = tl.load(u_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
         pre = tl.sum(u * x[None, :], axis=1)  # (BLOCK_E,)
         tl.store(pre_ptr + t * E + offs_e, pre, mask=mask_e)
@@ -166,15 +180,10 @@ def _peer_bwd_token_kernel(
     dout = tl.load(dout_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     dx = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        mask_e = offs_e < E
-        slot = offs_e // M
-        expert = tl.load(idx_ptr + t * HK + slot, mask=mask_e, other=0)
-        row = expert * M + offs_e % M
-        score = tl.load(score_ptr + t * HK + slot, mask=mask_e, other=0.0).to(tl.float32)
+        offs_e, mask_e, score, tile_off, tile_mask = _entry_tile(
+            idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M, BLOCK_E
+        )
         pre = tl.load(pre_ptr + t * E + offs_e, mask=mask_e, other=0.0)
-        tile_off = row[:, None] * D + offs_d[None, :]  # (BLOCK_E, BLOCK_D)
-        tile_mask = mask_e[:, None] & mask_d[None, :]
         vt = tl.load(v_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
         vd = tl.sum(vt * dout[None, :], axis=1)  # (BLOCK_E,) v_row . dout_t
         a = _act_fwd(pre, ACT)
@@ -506,7 +515,10 @@ def _fallback_reason(x, indices, u) -> str | None:
     return None
 
 
-_logged_fallbacks: set[str] = set()
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    """Log once per distinct reason."""
+    logger.warning("peer_experts_triton: using the torch reference because %s", reason)
 
 
 def peer_experts_triton(x, indices, scores, u, v, activation, g=None, deterministic=False, sparse_grad=False):
@@ -531,9 +543,7 @@ def peer_experts_triton(x, indices, scores, u, v, activation, g=None, determinis
         raise ValueError(f"indices: got dtype {indices.dtype}; must be torch.int64")
     reason = _fallback_reason(x, indices, u)
     if reason is not None:
-        if reason not in _logged_fallbacks:
-            _logged_fallbacks.add(reason)
-            logger.warning("peer_experts_triton: using the torch reference because %s", reason)
+        _warn_fallback(reason)
         from llm.ops.peer_reference import peer_experts_reference
 
         return peer_experts_reference(x, indices, scores, u, v, activation, g=g)

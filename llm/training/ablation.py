@@ -48,7 +48,14 @@ from typing import Any
 
 from llm.config import Config, ConfigError, dump_config, from_dict, load_config, save_config, to_dict, validate_config
 from llm.config.loader import flatten, read_yaml_mapping, set_dotted
-from llm.training.ablation_report import BASE, format_count, ranking_table, read_metrics, write_summary
+from llm.training.ablation_report import (
+    BASE,
+    LENGTH_KEYS,
+    format_count,
+    ranking_table,
+    read_metrics,
+    write_summary,
+)
 
 BUILTIN_AXES = ("data_mix", "expert_count", "expert_size", "product_dims", "num_heads")
 STRATEGIES = ("one_at_a_time", "grid")
@@ -291,7 +298,7 @@ def plan_study(
         run_dir = Path(output_dir) / name
         try:
             config = with_overrides(base, overrides)
-            length_axis = any(k in overrides for k in ("train_config.max_tokens", "train_config.max_steps"))
+            length_axis = bool(LENGTH_KEYS & set(overrides))
             if tokens > 0 and length_axis:
                 notes.append(f"run {name}: its axis sets the run length, so --tokens/tokens_per_run does not apply")
             config = with_overrides(config, run_settings(config, run_dir, coords, 0 if length_axis else tokens))

@@ -67,6 +67,8 @@ def write_summary(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], 
     return rows, metric
 
 
+# Config keys that set a run's length: an axis varying them keeps its own (--tokens does not apply).
+LENGTH_KEYS = frozenset({"train_config.max_tokens", "train_config.max_steps"})
 # Config keys that decide which tokens the held-out loss is measured on (data_mix has its own note).
 HELD_OUT_KEYS = (
     "train_config.batch_size", "eval_config.eval_batches", "dataset_config.seq_len", "dataset_config.seed",
@@ -86,7 +88,7 @@ def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> st
     out = [f"# Ablation results ({study.strategy}, base {study.base_config})", ""]
     out.append(", ".join(f"{n} {s}" for s, n in counts.items() if n) + f" of {len(rows)} runs; ranked by {label}.")
     if study.tokens:
-        own_length = [r.name for r in study.runs if {"train_config.max_tokens", "train_config.max_steps"} & set(r.overrides)]
+        own_length = [r.name for r in study.runs if LENGTH_KEYS & set(r.overrides)]
         out.append(
             f"Every run trains {format_count(study.tokens)} tokens"
             + (f", except {', '.join(own_length)}, whose axis sets the length." if own_length else ".")

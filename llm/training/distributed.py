@@ -90,20 +90,15 @@ def all_true(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
-def any_true(flag: bool) -> bool:
-    return not all_true(not flag)
-
-
 class DeferredVote:
     """Ranks agree on a per-step flag (any rank stops -> all stop) without a per-step host sync.
 
     Step s reduces this rank's flag and the answer is read at step s + LAG, so every rank sees the same
-    answer at the same step. With NCCL the all-reduce is asynchronous and the reduced flag is copied to
-    pinned host memory behind an event: reading it waits at most until the GPU has finished step s, long
-    done by then. With gloo (CPU) the all-reduce completes at once: it costs microseconds there, and
-    keeping gloo's asynchronous work pending beside the training collectives is the suspected cause of
-    a C++ abort seen once in a 2-process FSDP test run.
-    Without a process group the flag is its own answer, at once.
+    answer at the same step. With NCCL the all-reduce is queued on the stream and the reduced flag is
+    copied to pinned host memory behind an event: reading it waits at most until the GPU has finished
+    step s, long done by then. With gloo (CPU) the all-reduce completes at once (microseconds there; no
+    asynchronous gloo work is left pending beside the training collectives). Without a process group
+    the flag is its own answer, at once. Votes still queued when the loop ends need no waiting for.
     """
 
     LAG = 2
@@ -133,13 +128,6 @@ class DeferredVote:
         if event is not None:
             event.synchronize()
         return bool(value.item())
-
-    def drain(self) -> None:
-        """Wait for the votes still in flight (every rank cast the same number, so they complete)."""
-        while self._pending:
-            _, event = self._pending.popleft()
-            if event is not None:
-                event.synchronize()
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

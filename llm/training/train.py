@@ -169,13 +169,6 @@ class Loop:
         meter.start(state.step, state.tokens)
         self.batches = iter(self.loader)
         stop_vote = distributed.DeferredVote()
-        try:
-            return self._steps(state, total_steps, signals, meter, stop_vote)
-        finally:
-            stop_vote.drain()
-
-    def _steps(self, state, total_steps, signals, meter, stop_vote) -> str:
-        """The step loop: "completed", "interrupted" (a signal, agreed by every rank) or "nonfinite"."""
         tc = self.tc
         while state.step < total_steps:
             lr = self.schedule.lr(state.step)
