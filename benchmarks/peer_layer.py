@@ -152,9 +152,13 @@ def run_experts(rows, size, sweep):
     inputs = make_expert_inputs(D, N, H, K, T)
     if sweep:
         sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T)
-    for label, kw in (("triton dense-grad", {}), ("triton sparse-grad", {"sparse_grad": True})):
+    variants = (("triton dense-grad", {}, True), ("triton sparse-grad", {"sparse_grad": True}, True),
+                ("triton sparse-grad, sort in line", {"sparse_grad": True}, False))  # fmt: skip
+    for label, kw, overlap in variants:
+        tpk.OVERLAP_SORT = overlap  # the backward's sort beside pass A on a side stream, or before it
         fn = lambda x, i, s, u, v, kw=kw: tpk.peer_experts_triton(x, i, s, u, v, "gelu", **kw)  # noqa: E731
         time_expert_impl(rows, size, label, fn, inputs, D, H, K, T)
+    tpk.OVERLAP_SORT = True
     # Pieces of the backward, to see where its time goes.
     x, idx, s, u, v, dout = inputs
     rows.append(Row(size, "piece: sort+segment", "triton", bench(lambda: tpk.sort_rows(idx, 1, N, False))))
@@ -185,43 +189,116 @@ def run_compiled_reference(rows, size):
     rows[-1].note = note
 
 
-def run_layers(rows, size, peer_pytorch_dir):
+# Layer fwd+bwd timings are taken in rounds, every variant once per round in a rotated order, and the
+# median over rounds is reported: within one process the variant measured first used to come out slower
+# than the same code measured later, so one long measurement per variant favoured whoever came last.
+LAYER_ROUNDS = 7
+
+
+def gpu_busy_ms(fn, steps=5) -> tuple[float, list[tuple[str, float]], list[tuple[str, float, int]]]:
+    """GPU time per call summed over its kernels (torch.profiler), the kernels' ms per call, and the host
+    side: (op, self CPU ms per call, calls per call) of every CPU op, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
+    per_call = sorted(((e.key, e.device_time_total / 1e3 / steps) for e in kernels), key=lambda kv: -kv[1])
+    cpu = [(e.key, e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in events if e.device_type.name == "CPU"]
+    return sum(ms for _, ms in per_call), per_call, sorted(cpu, key=lambda r: -r[1])
+
+
+def host_and_back_to_back_ms(fn, steps=8) -> tuple[float, float, float]:
+    """(host ms, GPU ms, R-wait ms) per call when calls are issued back to back, as in a training loop.
+
+    The GPU first sleeps long enough for the host to queue every call, so the GPU time (events around the
+    calls) has no launch gaps unless the host itself falls behind, and the host time (perf_counter) is the
+    time to issue one call; the host's waits for the row count R (``RowCount.get``: the sparse gradients'
+    size, which the same call's forward computes) are timed apart and not counted as issue time.
+    """
+    from llm.ops import triton_peer_kernels as tpk
+
+    waited = [0.0]
+    get = tpk.RowCount.get
+
+    def timed_get(self):
+        t0 = time.perf_counter()
+        try:
+            return get(self)
+        finally:
+            waited[0] += time.perf_counter() - t0
+
+    fn()
+    torch.cuda.synchronize()
+    tpk.RowCount.get = timed_get
+    try:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(200_000_000)  # ~100 ms at H100 clocks
+        start.record()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        host = time.perf_counter() - t0
+        end.record()
+        torch.cuda.synchronize()
+    finally:
+        tpk.RowCount.get = get
+    return (host - waited[0]) * 1e3 / steps, start.elapsed_time(end) / steps, waited[0] * 1e3 / steps
+
+
+def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     from llm.config.defaults import PEERConfig
     from llm.models import product_keys
     from llm.models.experts import PEER, SwiGLU
+    from llm.ops import triton_peer_kernels as tpk
 
     D, N, H, K, T = SIZES[size]
     side = int(math.isqrt(N))
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(x)
-    layers = {}
+    builders, flags = {}, {}  # flags: (fused routing, sort beside pass A) while the variant runs
     cfg = PEERConfig(num_experts=N, product_key_dim=[side, side], num_experts_per_tok=K, num_heads=H, query_dim=128,
                      kernel="triton")  # fmt: skip
-    layers["ours (triton)"] = lambda: PEER(D, cfg)
+    builders["ours (triton)"] = lambda: PEER(D, cfg)
     # table_optimizer sparse_adam makes the layer return row-sparse table gradients (no dense zeroing)
-    layers["ours (triton, sparse table grads)"] = lambda: PEER(D, replace(cfg, table_optimizer="sparse_adam"))
+    sparse = "ours (triton, sparse table grads)"
+    builders[sparse] = lambda: PEER(D, replace(cfg, table_optimizer="sparse_adam"))
     # the same, with the routing forward unfused (score GEMMs, per-part top-k, merge: three kernels)
-    unfused = "ours (triton, sparse table grads, unfused routing)"
-    layers[unfused] = layers["ours (triton, sparse table grads)"]
-    layers["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
+    for name, flag in (("unfused routing", (False, True)), ("sort in line", (True, False))):
+        builders[f"{sparse}, {name}"] = builders[sparse]
+        flags[f"{sparse}, {name}"] = flag
+    builders["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
     if peer_pytorch_dir:
         sys.path.insert(0, str(Path(peer_pytorch_dir).resolve()))
         from PEER_pytorch.PEER import PEER as LucidPEER
 
-        layers["PEER-pytorch"] = lambda: LucidPEER(D, heads=H, num_experts=N, num_experts_per_head=K, dim_key=128,
-                                                   non_competing_scores=False)  # fmt: skip
+        builders["PEER-pytorch"] = lambda: LucidPEER(D, heads=H, num_experts=N, num_experts_per_head=K, dim_key=128,
+                                                     non_competing_scores=False)  # fmt: skip
     f_equal = max(1, round(2 * H * K / 3))  # 3*D*f = 2*H*K*D: the same parameters active per token
-    layers[f"dense SwiGLU f={f_equal} (equal active params)"] = lambda: SwiGLU(D, f_equal)
-    layers[f"dense SwiGLU f={4 * D}"] = lambda: SwiGLU(D, 4 * D)
-    for name, build in layers.items():
-        product_keys.FUSED_RETRIEVAL = name != unfused
-        with torch.device("cuda"):  # initialise the 2^20-row tables on the GPU, not the CPU
-            layer = build().to(dtype=torch.bfloat16)
+    builders[f"dense SwiGLU f={f_equal} (equal active params)"] = lambda: SwiGLU(D, f_equal)
+    builders[f"dense SwiGLU f={4 * D}"] = lambda: SwiGLU(D, 4 * D)
+
+    def set_flags(name):
+        product_keys.FUSED_RETRIEVAL, tpk.OVERLAP_SORT = flags.get(name, (True, True))
+
+    built, runs = {}, {}  # variants of one builder share its layer (same weights, other flags)
+    for name, build in builders.items():
+        set_flags(name)
+        if id(build) not in built:
+            with torch.device("cuda"):  # initialise the 2^20-row tables on the GPU, not the CPU
+                built[id(build)] = build().to(dtype=torch.bfloat16)
+        layer = built[id(build)]
         params = [p for p in layer.parameters() if p.requires_grad]
 
         def run(layer=layer, params=params):
             return torch.autograd.grad(layer(x.unsqueeze(0)).squeeze(0), [x, *params], dout)
 
+        runs[name] = run
         if name == "ours (triton)":
             rows.append(Row(size, "piece: routing retrieve() fwd", name, bench(lambda layer=layer: layer.retrieve(x))))
 
@@ -240,14 +317,34 @@ def run_layers(rows, size, peer_pytorch_dir):
                 return best, (ia.unsqueeze(-1) * side + ib.unsqueeze(-2)).flatten(-2).gather(-1, pos)
 
             rows.append(Row(size, "piece: routing with torch.topk fwd", "torch", bench(topk_routing)))
-        fwd = bench(lambda layer=layer: layer(x.unsqueeze(0)))
-        both = bench(run)
+        rows.append(Row(size, "layer fwd", name, bench(lambda layer=layer: layer(x.unsqueeze(0)))))
         peak = peak_extra_gib(run)
-        rows.append(Row(size, "layer fwd", name, fwd))
-        rows.append(Row(size, "layer fwd+bwd", name, both, None, peak))
-        del layer, params
-        torch.cuda.empty_cache()
-    product_keys.FUSED_RETRIEVAL = True
+        rows.append(Row(size, "layer peak", name, float("nan"), None, peak))
+        if name.startswith("ours (triton") or name == "PEER-pytorch":
+            busy, kernels, cpu_ops = gpu_busy_ms(run)
+            rows.append(Row(size, "layer fwd+bwd GPU busy", name, busy, note=f"{len(kernels)} distinct kernels"))
+            host, gpu, wait = host_and_back_to_back_ms(run)
+            rows.append(Row(size, "layer fwd+bwd back to back", name, gpu, note=f"no L2 flush; {wait:.3f} ms R wait"))
+            rows.append(Row(size, "layer fwd+bwd host issue time", name, host))
+            if profile_out:
+                with open(profile_out, "a") as f:
+                    f.write(f"## {size} {name}: {busy:.3f} ms GPU busy per step\n")
+                    f.writelines(f"{ms:8.4f}  {key[:160]}\n" for key, ms in kernels)
+                    f.write("### host: self CPU ms per step (under the profiler), calls per step, op\n")
+                    f.writelines(f"{ms:8.4f} {n:4d}  {key[:120]}\n" for key, ms, n in cpu_ops)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(LAYER_ROUNDS):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            set_flags(name)
+            times[name].append(bench(runs[name], warmup=3, rep=40))
+    for name, ts in times.items():
+        ts.sort()
+        note = f"median of {len(ts)} rounds, range {ts[0]:.3f}-{ts[-1]:.3f}"
+        rows.append(Row(size, "layer fwd+bwd", name, ts[len(ts) // 2], note=note))
+    set_flags("")
+    del built, runs
+    torch.cuda.empty_cache()
 
 
 def run_optimizer(rows, size):
@@ -308,6 +405,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="sweep the forward's tile size and warps")
     ap.add_argument("--peer-pytorch", default="", help="folder holding a fetched PEER_pytorch package")
     ap.add_argument("--out", default="", help="append one JSON line per measurement to this file")
+    ap.add_argument("--profile-out", default="", help="append each layer's per-kernel GPU times to this file")
     args = ap.parse_args(argv)
     parts = args.only.split(",")
     rows: list[Row] = []
@@ -324,7 +422,7 @@ def main(argv=None):
             ("check", lambda size=size: check_correctness(rows, size)),
             # block sizes are swept once, on the first size, and kept for the others
             ("experts", lambda size=size: run_experts(rows, size, args.sweep and size == sizes[0])),
-            ("layers", lambda size=size: run_layers(rows, size, args.peer_pytorch)),
+            ("layers", lambda size=size: run_layers(rows, size, args.peer_pytorch, args.profile_out)),
             # the optimiser is measured at the paper's size only (its tables take 32 GiB with AdamW state)
             ("optimizer", lambda size=size: run_optimizer(rows, size) if size == "paper4k" else None),
         )

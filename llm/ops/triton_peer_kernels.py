@@ -27,11 +27,12 @@ grads is a full write of each table, the largest piece of the dense-grad backwar
 2.80 ms on an H200, benchmarks/RESULTS.md).
 With no atomics every sum has a fixed order; ``deterministic=True`` also asks torch.sort to be stable, so
 the order within a row (and the bits of its gradient) does not depend on the sort implementation.
-No host sync: segments are found on the device and pass B's grid is the upper bound T*E (programs past
-the real count R exit). Sparse gradients need R on the host to size their buffers: it is copied
-asynchronously right after the sort and read only after passes A and B are queued (B's buffers are sized
-by an estimate from earlier calls and sliced to R afterwards; ``_row_capacity``), so the GPU keeps working
-through the wait (torch's sync debug mode reports no synchronizing call).
+No host sync: segments are found on the device and the dense-gradient pass B's grid is the upper bound
+T*E (programs past the real count R exit). Sparse gradients need R on the host to size their buffers:
+the forward counts the touched rows with a bitmap and starts an asynchronous copy of R to the host
+(``touched_row_count``, ``RowCount``), which has long finished when the backward reads it, so the host
+never waits for the GPU (torch's sync debug mode reports no synchronizing call). The backward's sort runs
+on a side stream beside pass A (``OVERLAP_SORT``).
 """
 
 from __future__ import annotations
@@ -339,8 +340,8 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
     indices (T, H, K) -> perm (T*E,) sub-entry ids ordered by row; seg_start (T*E + 1,) int64, entry r
     the start of segment r for r < R, T*E beyond; rows (T*E + 1,) int64, entry r < R the r-th distinct
     touched row of the (N*M, D) view, ascending (entries past R undefined); count (1,) int64 R on the
-    device. R stays on the device so the caller can size pass B by the upper bound T*E, or read R
-    later (``RowCount``) without draining the GPU.
+    device. R stays on the device so the caller can size pass B by the upper bound T*E (the sparse
+    path learns R from the forward instead, ``touched_row_count``).
     """
     dev = indices.device
     rows = indices.reshape(-1, 1) * M + torch.arange(M, device=dev)  # (T*H*K, M)
@@ -367,10 +368,10 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
 
 
 class RowCount:
-    """R read back to the host without stalling the GPU: an async copy started right after the sort.
+    """R read back to the host without stalling the GPU: an async copy started when R is computed.
 
-    The host waits on the copy only after pass B is queued (sparse gradients slice their buffers to R),
-    by which time passes A and B are queued behind the sort, so the GPU keeps working through the wait.
+    The forward starts it (``touched_row_count``), so by the time the backward reads it the copy has
+    long finished and ``get`` returns at once: the host keeps queueing work ahead of the GPU.
     """
 
     def __init__(self, count: torch.Tensor) -> None:
@@ -389,25 +390,16 @@ class RowCount:
         return int(self.host[0])
 
 
-# Sparse pass B sizes its buffers before R reaches the host: by a decaying maximum of the row counts
-# seen for the same (entries, rows) shape, plus a margin; the first call (and any call over the
-# estimate) falls back to exact sizes. Keyed by shape, so the layers of a model share one estimate.
-_ROW_ESTIMATES: dict[tuple[int, int], float] = {}
-_ROW_MARGIN = 1.125
-_ROW_SLACK = 64
-_ROW_DECAY = 0.98
+def touched_row_count(indices: torch.Tensor, num_experts: int, M: int) -> torch.Tensor:
+    """R, the number of distinct table rows that indices (T, H, K) touch, as a (1,) int64 device tensor.
 
-
-def _row_capacity(key: tuple[int, int], entries: int, table_rows: int) -> int:
-    """Rows to allocate for sparse pass B: the estimate for this shape, at most the upper bound."""
-    upper = min(entries, table_rows)
-    estimate = _ROW_ESTIMATES.get(key)
-    return upper if estimate is None else min(upper, int(estimate))
-
-
-def _record_rows(key: tuple[int, int], count: int) -> None:
-    previous = _ROW_ESTIMATES.get(key, 0.0)
-    _ROW_ESTIMATES[key] = max(previous * _ROW_DECAY, count * _ROW_MARGIN + _ROW_SLACK)
+    A bitmap over the N experts (3 small kernels, no sort, no host sync). The forward computes it and
+    starts its copy to the host (``RowCount``), so the backward knows R long before it needs it to size
+    the sparse gradients, and never waits for the GPU.
+    """
+    mark = torch.zeros(num_experts, dtype=torch.bool, device=indices.device)
+    mark.index_fill_(0, indices.reshape(-1), True)  # duplicates write the same value: order is free
+    return (mark.sum() * M).reshape(1)
 
 
 def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables, sparse_grad, num_rows=None):
@@ -415,9 +407,9 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables
 
     cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, seg_start, rows, count
     from ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D); num_rows: R as an int or a
-    ``RowCount`` (required with ``sparse_grad``). Returns (du, dv, dg): dense (N, M, D) tensors of zeros
-    plus the written rows (no host sync: the grid is the upper bound T*E), or sparse COO tensors of the
-    touched experts' (M, D) rows (sized by R).
+    ``RowCount`` (required with ``sparse_grad``; the forward starts one, see ``touched_row_count``).
+    Returns (du, dv, dg): dense (N, M, D) tensors of zeros plus the written rows (no host sync: the grid
+    is the upper bound T*E), or sparse COO tensors of the touched experts' (M, D) rows (sized by R).
     """
     T, D = x.shape
     N, M, _ = tables[0].shape
@@ -444,20 +436,8 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables
     assert num_rows is not None, "sparse_grad needs the number of touched rows (int or RowCount)"
     # Compact rows: ascending, and every unit of a touched expert is touched, so position r holds row
     # rows[r] and the buffer views as (R // M, M, D) experts.
-    if isinstance(num_rows, int):  # R known on the host: exact buffers and grid
-        R = num_rows
-        grads = pass_b(R, R, torch.empty)
-    else:
-        # R is still on its way to the host: pass B is queued first (so the host's wait for R overlaps
-        # passes A and B), into buffers sized by the recent row counts of this shape (``_row_capacity``);
-        # the rare call that touches more rows runs pass B again into exact buffers.
-        key = (T * E, N * M)
-        cap = _row_capacity(key, T * E, N * M)
-        grads = pass_b(T * E, cap, torch.empty)
-        R = num_rows.get()
-        _record_rows(key, R)
-        if R > cap:
-            grads = pass_b(R, R, torch.empty)
+    R = num_rows if isinstance(num_rows, int) else num_rows.get()
+    grads = pass_b(R, R, torch.empty)
     experts = (rows[:R:M] // M).unsqueeze(0)  # (1, R // M)
     return tuple(
         torch.sparse_coo_tensor(
@@ -484,6 +464,9 @@ class PEERExpertsFunction(torch.autograd.Function):
         ctx.activation = activation
         ctx.deterministic = deterministic
         ctx.sparse_grad = sparse_grad
+        ctx.row_count = None
+        if sparse_grad and any(ctx.needs_input_grad[3:6]):  # sparse grads are sized by R: learn it now
+            ctx.row_count = RowCount(touched_row_count(indices, u.shape[0], u.shape[1]))
         return out
 
     @staticmethod
@@ -493,18 +476,57 @@ class PEERExpertsFunction(torch.autograd.Function):
         T, H, K = indices.shape
         M = u.shape[1]
         need_tables = any(ctx.needs_input_grad[3:6])
-        if need_tables:  # sort first, so R's copy to the host (sparse grads) overlaps pass A
-            perm, seg_start, rows, count = sort_rows(indices, M, u.shape[0], ctx.deterministic)
-            row_count = RowCount(count) if ctx.sparse_grad else None
+        if need_tables:  # the sort runs beside pass A where a side stream is available
+            with _beside_main_stream(dout.device) as rejoin:
+                perm, seg_start, rows, count = sort_rows(indices, M, u.shape[0], ctx.deterministic)
         dx, dscore, cu, cv, cg = peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, ctx.activation)
-        dscores = dscore.view(T, H, K, M).sum(-1).to(scores.dtype)  # (T, H, K)
+        dscores = (dscore if M == 1 else dscore.view(T, H, K, M).sum(-1)).view(T, H, K).to(scores.dtype)
         du = dv = dg = None
         if need_tables:
+            rejoin()  # pass B reads the sort's outputs
             du, dv, dg = peer_backward_rows(
                 dout, x, cu, cv, cg, perm, seg_start, rows, count, (u, v, g), ctx.sparse_grad,
-                num_rows=row_count,
+                num_rows=ctx.row_count,
             )  # fmt: skip
         return dx, None, dscores, du, dv, dg, None, None, None
+
+
+# The backward's sort (latency-bound: a radix sort and a dozen small kernels, 0.37-0.52 ms at the paper's
+# size on an H100) runs on a side stream while pass A (bandwidth-bound) runs on the main one. Benchmarks
+# turn it off to compare.
+OVERLAP_SORT = True
+
+
+@functools.cache
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=device_index)
+
+
+class _beside_main_stream:
+    """``with _beside_main_stream(device) as rejoin:`` queues its body on a side stream; ``rejoin()``
+    makes the main stream wait for it. On CPU (or with OVERLAP_SORT off) the body runs in place.
+
+    Memory safety without ``record_stream``: the side stream first waits for the main one, so its inputs
+    are ready; the main stream waits for the side one (``rejoin``) before it reads the outputs, so every
+    later use or reuse of those blocks on the main stream is ordered after the side work; and blocks
+    freed back to the side stream's pool are only handed out again after its next wait on the main one.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.side = _side_stream(device.index) if device.type == "cuda" and OVERLAP_SORT else None
+
+    def __enter__(self):
+        if self.side is None:
+            return lambda: None
+        main = torch.cuda.current_stream(self.side.device)
+        self.side.wait_stream(main)
+        self.context = torch.cuda.stream(self.side)
+        self.context.__enter__()
+        return lambda: main.wait_stream(self.side)
+
+    def __exit__(self, *exc) -> None:
+        if self.side is not None:
+            self.context.__exit__(*exc)
 
 
 def _fallback_reason(x, indices, u) -> str | None:

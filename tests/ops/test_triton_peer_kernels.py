@@ -114,24 +114,19 @@ def test_sparse_grads_equal_dense_grads_and_hold_only_touched_experts():
         assert torch.equal(leaf.grad.to_dense(), want)
 
 
-def test_sparse_grads_when_the_row_estimate_is_too_small(monkeypatch):
-    """Pass B's sparse buffers are sized by the row counts of earlier calls; a call touching more rows
-    than that estimate must rerun pass B into exact buffers and still equal the dense gradients."""
-    monkeypatch.setattr(tpk, "_ROW_ESTIMATES", {})
-    monkeypatch.setattr(tpk, "_ROW_SLACK", 0)
-    T, H, K, N, M, D = 6, 2, 2, 40, 1, 20
-    x, few, scores, tables, dout = make_inputs(T, H, K, N, M, D, False, "repeats", torch.float32)
-    few = torch.zeros_like(few) + torch.arange(K, device=few.device)  # 2 rows touched: a small estimate
-    many = torch.randperm(N)[: T * H * K].view(T, H, K).to(few.device)  # 24 distinct rows
-    for indices, touched in ((few, 2), (many, T * H * K)):
-        if indices is many:  # the estimate from the first call (2 rows, x 1.125) is below 24 rows
-            assert tpk._row_capacity((T * H * K * M, N * M), T * H * K * M, N * M) < touched
-        _, dense = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")
-        _, sparse = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", sparse_grad=True)
-        for got, want in zip(sparse[2:], dense[2:], strict=True):
-            assert torch.equal(got, want)
-        (estimate,) = tpk._ROW_ESTIMATES.values()
-        assert estimate >= touched * M  # the estimate follows the largest recent count
+@pytest.mark.parametrize("M", [1, 3])
+def test_forward_row_count_equals_the_sorts_count(M):
+    """Sparse gradients are sized by the forward's bitmap count of touched rows: it must equal the
+    number of segments the backward's sort finds, for a few shared rows and for all-distinct rows."""
+    gen = torch.Generator().manual_seed(0)
+    N = 40
+    few = torch.randint(0, 3, (6, 2, 2), generator=gen)
+    distinct = torch.randperm(N, generator=gen)[:24].view(6, 2, 2)
+    for indices in (few, distinct):
+        indices = indices.to(DEVICE)
+        counted = tpk.touched_row_count(indices, N, M)
+        *_, sorted_count = tpk.sort_rows(indices, M, N, deterministic=True)
+        assert counted.tolist() == sorted_count.tolist() == [torch.unique(indices).numel() * M]
 
 
 def test_backward_is_bitwise_reproducible_with_a_hot_expert():
@@ -189,13 +184,14 @@ def test_sort_rows_segments_on_device_without_reading_the_count():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="host-sync detection needs a CUDA device")
-def test_forward_backward_has_no_host_sync_with_dense_table_grads():
+@pytest.mark.parametrize("sparse_grad", [False, True], ids=["dense", "sparse"])
+def test_forward_backward_has_no_host_sync(sparse_grad):
     x, indices, scores, tables, dout = make_inputs(64, 4, 8, 512, 1, 256, False, "repeats", torch.bfloat16)
-    run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")  # warm-up (compilation)
+    run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", sparse_grad=sparse_grad)  # compiles
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _, grads = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu")
+        _, grads = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", sparse_grad=sparse_grad)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert all(torch.isfinite(g).all() for g in grads)
