@@ -130,13 +130,13 @@ def sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T):
         )
     )
     _, _, cu, cv, _ = tpk.peer_backward_tokens(dout, x, idx, s, u, v, None, pre, None, "gelu")
-    perm, seg, rws, count = tpk.sort_rows(idx, 1, N, False)
-    R = int(count.item())
+    R = int(tpk.touched_row_count(idx, N, 1).item())
+    perm, srt_rows, seg = tpk.sort_rows(idx, 1, N, False, R)
     for block_s in (1, 2, 4, 8):
         for warps in (2, 4, 8):
             tpk.ROW_BLOCK_S, tpk.ROW_NUM_WARPS = block_s, warps
             ms = bench(
-                lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, seg, rws, count, (u, v, None), True, R)
+                lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, srt_rows, seg, (u, v, None), True)
             )
             rows.append(Row(size, "sweep bwd pass B (sparse)", f"S{block_s}/w{warps}", ms))
     best = min((r for r in rows if r.what.startswith("sweep bwd") and r.size == size), key=lambda r: r.ms).impl
@@ -251,6 +251,34 @@ def host_and_back_to_back_ms(fn, steps=8) -> tuple[float, float, float]:
     return (host - waited[0]) * 1e3 / steps, start.elapsed_time(end) / steps, waited[0] * 1e3 / steps
 
 
+def launch_overhead(rows, size, calls=300):
+    """Host time per call (no sync, tiny inputs): one Triton launch through its JIT path, the forward
+    launcher around it, and one small torch op, for scale."""
+    from llm.ops import triton_peer_kernels as tpk
+
+    D, N, H, K, _ = SIZES[size]
+    x, idx, s, u, v, _ = make_expert_inputs(D, 64, H, K, 8)
+    out, pre = torch.empty_like(x), torch.empty(8, H * K, device="cuda")
+    block_e, block_d = tpk._blocks(D, H * K)
+    pieces = {
+        "triton launch (forward kernel)": lambda: tpk._peer_fwd_kernel[(8,)](
+            x, idx, s, u, v, u, out, pre, pre, D, H * K, H * K, M=1, ACT=0, GLU=False,
+            BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4,
+        ),  # fmt: skip
+        "peer_forward launcher": lambda: tpk.peer_forward(x, idx, s, u, v, None, "gelu"),
+        "torch.add": lambda: torch.add(x, x),
+    }
+    for name, fn in pieces.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        us = (time.perf_counter() - t0) * 1e6 / calls
+        torch.cuda.synchronize()
+        rows.append(Row(size, "host us per call", name, us))
+
+
 def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     from llm.config.defaults import PEERConfig
     from llm.models import product_keys
@@ -349,12 +377,9 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
 
 def run_optimizer(rows, size):
     from llm.ops.row_sparse_adam import RowSparseAdamW
-    from llm.ops.triton_peer_kernels import sort_rows
-
     D, N, H, K, T = SIZES[size]
     idx = torch.randint(0, N, (T, H, K), device="cuda")
-    _, _, rws, count = sort_rows(idx, 1, N, False)
-    experts = rws[: int(count.item())]
+    experts = torch.unique(idx)  # the touched rows, ascending
     frac = experts.numel() / N
     note = f"{frac:.1%} rows touched"
     for label, pdtype, sdtype in (("fp32 params, fp32 moments", torch.float32, None),
@@ -401,7 +426,7 @@ def check_correctness(rows, size):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="paper4k,paper16k,small")
-    ap.add_argument("--only", default="check,experts,layers,optimizer,compile")
+    ap.add_argument("--only", default="check,experts,layers,optimizer,compile", help="also: launch")
     ap.add_argument("--sweep", action="store_true", help="sweep the forward's tile size and warps")
     ap.add_argument("--peer-pytorch", default="", help="folder holding a fetched PEER_pytorch package")
     ap.add_argument("--out", default="", help="append one JSON line per measurement to this file")
@@ -422,6 +447,7 @@ def main(argv=None):
             ("check", lambda size=size: check_correctness(rows, size)),
             # block sizes are swept once, on the first size, and kept for the others
             ("experts", lambda size=size: run_experts(rows, size, args.sweep and size == sizes[0])),
+            ("launch", lambda size=size: launch_overhead(rows, size)),
             ("layers", lambda size=size: run_layers(rows, size, args.peer_pytorch, args.profile_out)),
             # the optimiser is measured at the paper's size only (its tables take 32 GiB with AdamW state)
             ("optimizer", lambda size=size: run_optimizer(rows, size) if size == "paper4k" else None),

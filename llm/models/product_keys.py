@@ -120,9 +120,10 @@ def _product_topk_kernels(part_scores: Sequence[Tensor], sizes: list[int], k: in
 def unravel_ids(ids: Tensor, sizes: Sequence[int]) -> list[Tensor]:
     """Row-major flat ids (...) -> P coordinate tensors (...), coordinate p in [0, sizes[p])."""
     coords = []
-    for n_p in reversed(sizes):
+    for n_p in reversed(sizes[1:]):
         coords.append(ids % n_p)
         ids = ids // n_p
+    coords.append(ids)  # ids < prod(sizes), so what is left is the first coordinate
     return coords[::-1]
 
 
@@ -180,51 +181,69 @@ class _ProductKeyRetrieval(torch.autograd.Function):
     def backward(ctx, dscores_THK: Tensor, _dids: Tensor | None):
         q_THQ, ids_THK, *sub_keys = ctx.saved_tensors
         T, H, K = ids_THK.shape
-        q = sub_keys[0].shape[-1]
         coords = unravel_ids(ids_THK, [keys.shape[-2] for keys in sub_keys])
         use_kernels = (
             ctx.use_kernels
             and kernel_applies(q_THQ)
             and all(t.dtype == torch.float32 for t in (q_THQ, *sub_keys))
         )
+        rows = []  # (T*H, K) per part: the row of its table, flattened to (H * n_p, q) for per-head sets
+        for keys, c_THK in zip(sub_keys, coords, strict=True):
+            if keys.dim() == 3:
+                c_THK = c_THK + torch.arange(H, device=c_THK.device).unsqueeze(-1) * keys.shape[-2]
+            rows.append(c_THK.reshape(T * H, K))
         q_RQ = q_THQ.detach().reshape(T * H, -1)  # (T*H, P*q)
-        dq_RQ = torch.empty_like(q_RQ) if use_kernels and ctx.needs_input_grad[2] else None
-        dq_parts, dkeys = [], []
         with autocast_off(q_THQ.device.type):
-            for p, (keys, c_THK) in enumerate(zip(sub_keys, coords, strict=True)):
-                n_p = keys.shape[-2]
-                if keys.dim() == 3:  # per-head sets: row h * n_p + c of the flattened (H * n_p, q) table
-                    c_THK = c_THK + torch.arange(H, device=c_THK.device).unsqueeze(-1) * n_p
-                idx = c_THK.reshape(T * H, K)
-                w = dscores_THK.reshape(T * H, K).to(keys.dtype).contiguous()
-                q_p = q_RQ[:, p * q : (p + 1) * q]
-                table = keys.detach().reshape(-1, q)
-                if use_kernels:  # Triton, no host sync (embedding_bag's backward reads a count back)
-                    if dq_RQ is not None:
-                        weighted_gather_triton(idx, w, table, dq_RQ[:, p * q : (p + 1) * q])
-                    dkeys.append(
-                        segment_rows_triton(idx, w, q_p, table.shape[0]).view_as(keys)
-                        if ctx.needs_input_grad[3 + p]
-                        else None
-                    )
-                    continue
-                dq_p = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # (T*H, q)
-                if ctx.needs_input_grad[3 + p]:
-                    # d key_p[c] = sum over the (row, slot) entries that chose c of dscore * q_p(row); an
-                    # explicit index_add (not autograd.grad, which torch.compile cannot trace).
-                    contrib_EQ = (w.unsqueeze(-1) * q_p.unsqueeze(1)).reshape(-1, q)  # (T*H*K, q)
-                    dtable = torch.zeros_like(table).index_add_(0, idx.reshape(-1), contrib_EQ)
-                    dkeys.append(dtable.view_as(keys))
-                else:
-                    dkeys.append(None)
-                dq_parts.append(dq_p)
-        if not ctx.needs_input_grad[2]:
-            dq = None
-        elif use_kernels:
-            dq = dq_RQ.view(T, H, -1)
-        else:
-            dq = torch.cat(dq_parts, dim=-1).view(T, H, -1)
+            backward = _routing_backward_kernels if use_kernels else _routing_backward_torch
+            dq_RQ, dkeys = backward(rows, dscores_THK.reshape(T * H, K), q_RQ, sub_keys, ctx.needs_input_grad)
+        dq = dq_RQ.view(T, H, -1) if dq_RQ is not None else None
         return None, None, dq, *dkeys
+
+
+def _routing_backward_kernels(rows, w_RK, q_RQ, sub_keys, needs_input_grad):
+    """Triton routing backward, every part in one launch per kernel (no host sync, no atomics).
+
+    The parts' tables are stacked into one (sum of heights, q) table, part p's rows offset by the heights
+    before it: dq is one weighted gather, the sub-keys' gradient one sort and one segment reduction.
+    """
+    q = sub_keys[0].shape[-1]
+    tables = [keys.detach().reshape(-1, q) for keys in sub_keys]
+    heights = [t.shape[0] for t in tables]
+    offsets = [sum(heights[:p]) for p in range(len(heights))]
+    idx_PRK = torch.stack([r + off if off else r for r, off in zip(rows, offsets, strict=True)])
+    w_RK = w_RK.float().contiguous()
+    dq_RQ = None
+    if needs_input_grad[2]:
+        table = torch.cat(tables) if len(tables) > 1 else tables[0]
+        dq_RQ = weighted_gather_triton(idx_PRK, w_RK, table, torch.empty_like(q_RQ))
+    need_keys = needs_input_grad[3 : 3 + len(sub_keys)]
+    dkeys = [None] * len(sub_keys)
+    if any(need_keys):
+        dtable = segment_rows_triton(idx_PRK, w_RK, q_RQ, sum(heights))
+        dkeys = [
+            d.view_as(keys) if need else None
+            for d, keys, need in zip(dtable.split(heights), sub_keys, need_keys, strict=True)
+        ]
+    return dq_RQ, dkeys
+
+
+def _routing_backward_torch(rows, w_RK, q_RQ, sub_keys, needs_input_grad):
+    """PyTorch routing backward: embedding_bag for dq, an explicit index_add for each part's sub-keys."""
+    q = sub_keys[0].shape[-1]
+    dq_parts, dkeys = [], []
+    for p, (keys, idx) in enumerate(zip(sub_keys, rows, strict=True)):
+        w = w_RK.to(keys.dtype)
+        table = keys.detach().reshape(-1, q)
+        dq_parts.append(F.embedding_bag(idx, table, per_sample_weights=w, mode="sum"))  # (T*H, q)
+        if needs_input_grad[3 + p]:
+            # d key_p[c] = sum over the (row, slot) entries that chose c of dscore * q_p(row); an
+            # explicit index_add (not autograd.grad, which torch.compile cannot trace).
+            q_p = q_RQ[:, p * q : (p + 1) * q]
+            contrib_EQ = (w.unsqueeze(-1) * q_p.unsqueeze(1)).reshape(-1, q)  # (T*H*K, q)
+            dkeys.append(torch.zeros_like(table).index_add_(0, idx.reshape(-1), contrib_EQ).view_as(keys))
+        else:
+            dkeys.append(None)
+    return (torch.cat(dq_parts, dim=-1) if needs_input_grad[2] else None), dkeys
 
 
 def retrieve_topk(

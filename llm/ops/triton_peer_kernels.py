@@ -215,18 +215,19 @@ def _peer_bwd_row_kernel(
     x_ptr,  # (T, D)
     dout_ptr,  # (T, D)
     perm_ptr,  # (T*E,) int64 sub-entry ids sorted by table row
-    seg_start_ptr,  # (>= R + 1,) int64 segment boundaries into perm (entries past R: all T*E)
-    rows_ptr,  # (>= R,) int64 table row of each segment (destination of dense grads)
-    count_ptr,  # (1,) int64 R, the number of segments (programs past it write nothing)
-    cap,  # rows the output holds (sparse: programs at or past it write nothing either)
+    sorted_ptr,  # (T*E,) int32/int64 table row of each sorted entry
+    seg_start_ptr,  # (grid + 1,) int64 segment starts into perm; padded with T*E past the last segment
+    n,  # T*E
     cu_ptr,  # (T*E,) fp32, in sorted order
     cv_ptr,  # (T*E,) fp32, in sorted order
     cg_ptr,  # (T*E,) fp32, in sorted order, or dummy
     du_ptr,  # (N*M, D) dense grad of u, or (R, D) compact rows when SPARSE
     dv_ptr,  # same as du
     dg_ptr,  # same as du, or dummy
+    experts_ptr,  # (R // M,) int64 out: expert of each compact row group (SPARSE), or dummy
     D,
     E,
+    M,
     GLU: tl.constexpr,
     SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -234,11 +235,13 @@ def _peer_bwd_row_kernel(
 ):
     r = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    # The grid may be an upper bound on R (no host read of R): programs past it store nothing, and
-    # their segments are empty (start = end = T*E), so they only load two boundaries.
-    mask_d = offs_d < tl.where((r < tl.load(count_ptr)) & (r < cap), D, 0)
     start = tl.load(seg_start_ptr + r)
     end = tl.load(seg_start_ptr + r + 1)
+    # The dense path's grid is the upper bound T*E (R is not on the host): programs past R find the
+    # padding (start = end = T*E), store nothing and only load two boundaries.
+    active = start < n
+    mask_d = offs_d < tl.where(active, D, 0)
+    row = tl.load(sorted_ptr + start, mask=active, other=0).to(tl.int64)  # the segment's table row
     du = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -262,8 +265,11 @@ def _peer_bwd_row_kernel(
             dg += tl.sum(cg[:, None] * xt, axis=0)
     if SPARSE:
         dst = r
+        # compact rows come in whole experts (every unit of a touched expert is touched): the group's
+        # first row names the expert for the sparse gradient's indices
+        tl.store(experts_ptr + r // M, row // M, mask=active & (r % M == 0))
     else:
-        dst = tl.load(rows_ptr + r)
+        dst = row
     tl.store(du_ptr + dst * D + offs_d, du.to(du_ptr.dtype.element_ty), mask=mask_d)
     tl.store(dv_ptr + dst * D + offs_d, dv.to(dv_ptr.dtype.element_ty), mask=mask_d)
     if GLU:
@@ -334,18 +340,18 @@ def peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, activatio
     return dx, dscore, cu, cv, (cg if g is not None else None)
 
 
-def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bool):
+def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bool, num_rows: int | None = None):
     """Group sub-entries by table row, with no host sync.
 
-    indices (T, H, K) -> perm (T*E,) sub-entry ids ordered by row; seg_start (T*E + 1,) int64, entry r
-    the start of segment r for r < R, T*E beyond; rows (T*E + 1,) int64, entry r < R the r-th distinct
-    touched row of the (N*M, D) view, ascending (entries past R undefined); count (1,) int64 R on the
-    device. R stays on the device so the caller can size pass B by the upper bound T*E (the sparse
-    path learns R from the forward instead, ``touched_row_count``).
+    indices (T, H, K) -> perm (T*E,) sub-entry ids ordered by row; sorted_rows (T*E,) the row of each
+    sorted entry (int32 where the (N*M, D) view fits, else int64); seg_start (S + 1,) int64 segment
+    starts into perm, entry r < R the start of the r-th distinct row's segment (rows ascending), every
+    later entry T*E. S = num_rows (R, when the caller knows it) or the upper bound T*E.
     """
     dev = indices.device
-    rows = indices.reshape(-1, 1) * M + torch.arange(M, device=dev)  # (T*H*K, M)
-    rows = rows.reshape(-1)  # (T*E,) row of each sub-entry, sub-entry id = position
+    rows = indices.reshape(-1)
+    if M > 1:  # sub-entry id = position: (slot, unit) row-major
+        rows = (rows.unsqueeze(-1) * M + torch.arange(M, device=dev)).reshape(-1)
     n = rows.numel()
     # int32 keys halve the radix sort's passes when the table fits.
     keys = rows.to(torch.int32) if num_experts * M < 2**31 else rows
@@ -354,17 +360,10 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
     sorted_rows, perm = torch.sort(keys, stable=deterministic)
     is_start = torch.ones(n, device=dev, dtype=torch.bool)
     torch.ne(sorted_rows[1:], sorted_rows[:-1], out=is_start[1:])
-    seg_id = torch.cumsum(is_start, 0) - 1  # (T*E,) segment of each sorted entry
-    count = seg_id[-1:] + 1 if n else torch.zeros(1, device=dev, dtype=torch.int64)
-    # Segment starts scattered to their segment ids; non-starts all write the value n into the spare
-    # slot n (equal values, so the duplicates are harmless), which is also the end of the last segment.
-    dest = torch.where(is_start, seg_id, n)
-    pos = torch.arange(n, device=dev)
-    seg_start = torch.full((n + 1,), n, device=dev, dtype=torch.int64)
-    seg_start.scatter_(0, dest, torch.where(is_start, pos, n))
-    seg_rows = torch.empty(n + 1, device=dev, dtype=torch.int64)
-    seg_rows.scatter_(0, dest, sorted_rows.to(torch.int64))  # slot n: some row, never read
-    return perm, seg_start, seg_rows, count
+    # positions of the segment starts, padded with n: a fixed output size, so no host sync
+    size = (n if num_rows is None else num_rows) + 1
+    seg_start = torch.nonzero_static(is_start, size=size, fill_value=n).view(-1)
+    return perm, sorted_rows, seg_start
 
 
 class RowCount:
@@ -399,49 +398,45 @@ def touched_row_count(indices: torch.Tensor, num_experts: int, M: int) -> torch.
     """
     mark = torch.zeros(num_experts, dtype=torch.bool, device=indices.device)
     mark.index_fill_(0, indices.reshape(-1), True)  # duplicates write the same value: order is free
-    return (mark.sum() * M).reshape(1)
+    count = mark.sum().reshape(1)
+    return count if M == 1 else count * M
 
 
-def peer_backward_rows(dout, x, cu, cv, cg, perm, seg_start, rows, count, tables, sparse_grad, num_rows=None):
+def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables, sparse_grad):
     """Pass B (row-major): each touched row's gradient reduced over its segment and written once.
 
-    cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, seg_start, rows, count
-    from ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D); num_rows: R as an int or a
-    ``RowCount`` (required with ``sparse_grad``; the forward starts one, see ``touched_row_count``).
-    Returns (du, dv, dg): dense (N, M, D) tensors of zeros plus the written rows (no host sync: the grid
-    is the upper bound T*E), or sparse COO tensors of the touched experts' (M, D) rows (sized by R).
+    cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, sorted_rows, seg_start
+    from ``sort_rows`` (with ``num_rows=R`` for sparse gradients); tables: (u, v, g-or-None), each
+    (N, M, D). Returns (du, dv, dg): dense (N, M, D) tensors of zeros plus the written rows (no host
+    sync: the grid is the upper bound T*E), or sparse COO tensors of the R // M touched experts' (M, D)
+    rows.
     """
     T, D = x.shape
     N, M, _ = tables[0].shape
     E = cu.shape[1]
+    n = T * E
     glu = tables[2] is not None
     coefs = [c.view(-1)[perm] if c is not None else None for c in (cu, cv, cg)]  # (T*E,) in sorted order
-
-    def pass_b(grid: int, cap: int, alloc) -> list:
-        shape = (cap, D)
-        grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
-        block_d = triton.next_power_of_2(D)
-        block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
-        if grid > 0:
-            _peer_bwd_row_kernel[(grid,)](
-                x, dout, perm, seg_start, rows, count, cap, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
-                grads[0], grads[1], grads[2] if glu else grads[0],
-                D, E, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
-            )  # fmt: skip
-        return grads
-
-    if not sparse_grad:  # zeros plus one write per touched row; the grid is the upper bound T*E
-        grads = pass_b(T * E, N * M, torch.zeros)
+    grid = seg_start.numel() - 1  # R (sparse) or T*E (dense)
+    shape = (grid, D) if sparse_grad else (N * M, D)
+    alloc = torch.empty if sparse_grad else torch.zeros  # dense: zeros plus one write per touched row
+    grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
+    experts = torch.empty(grid // M if sparse_grad else 1, device=x.device, dtype=torch.int64)
+    block_d = triton.next_power_of_2(D)
+    block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
+    if grid > 0:
+        _peer_bwd_row_kernel[(grid,)](
+            x, dout, perm, sorted_rows, seg_start, n, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
+            grads[0], grads[1], grads[2] if glu else grads[0], experts,
+            D, E, M, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
+        )  # fmt: skip
+    if not sparse_grad:
         return tuple(gr.view(N, M, D) if gr is not None else None for gr in grads)
-    assert num_rows is not None, "sparse_grad needs the number of touched rows (int or RowCount)"
-    # Compact rows: ascending, and every unit of a touched expert is touched, so position r holds row
-    # rows[r] and the buffer views as (R // M, M, D) experts.
-    R = num_rows if isinstance(num_rows, int) else num_rows.get()
-    grads = pass_b(R, R, torch.empty)
-    experts = (rows[:R:M] // M).unsqueeze(0)  # (1, R // M)
+    # Compact rows: ascending, and every unit of a touched expert is touched, so the buffers view as
+    # (R // M, M, D) experts in the order of ``experts``.
     return tuple(
         torch.sparse_coo_tensor(
-            experts, gr[:R].view(R // M, M, D), (N, M, D), is_coalesced=True, check_invariants=False
+            experts.unsqueeze(0), gr.view(grid // M, M, D), (N, M, D), is_coalesced=True, check_invariants=False
         )
         if gr is not None
         else None
@@ -459,14 +454,14 @@ class PEERExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, indices, scores, u, v, g, activation, deterministic, sparse_grad):
+        ctx.row_count = None
+        if sparse_grad and any(ctx.needs_input_grad[3:6]):  # sparse grads are sized by R: learn it now
+            ctx.row_count = RowCount(touched_row_count(indices, u.shape[0], u.shape[1]))
         out, pre, gpre = peer_forward(x, indices, scores, u, v, g, activation)
         ctx.save_for_backward(x, indices, scores, u, v, g, pre, gpre)
         ctx.activation = activation
         ctx.deterministic = deterministic
         ctx.sparse_grad = sparse_grad
-        ctx.row_count = None
-        if sparse_grad and any(ctx.needs_input_grad[3:6]):  # sparse grads are sized by R: learn it now
-            ctx.row_count = RowCount(touched_row_count(indices, u.shape[0], u.shape[1]))
         return out
 
     @staticmethod
@@ -477,17 +472,18 @@ class PEERExpertsFunction(torch.autograd.Function):
         M = u.shape[1]
         need_tables = any(ctx.needs_input_grad[3:6])
         if need_tables:  # the sort runs beside pass A where a side stream is available
+            # sparse gradients are sized by R, which the forward counted and sent to the host
+            num_rows = ctx.row_count.get() if ctx.sparse_grad else None
             with _beside_main_stream(dout.device) as rejoin:
-                perm, seg_start, rows, count = sort_rows(indices, M, u.shape[0], ctx.deterministic)
+                perm, sorted_rows, seg_start = sort_rows(indices, M, u.shape[0], ctx.deterministic, num_rows)
         dx, dscore, cu, cv, cg = peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, ctx.activation)
         dscores = (dscore if M == 1 else dscore.view(T, H, K, M).sum(-1)).view(T, H, K).to(scores.dtype)
         du = dv = dg = None
         if need_tables:
             rejoin()  # pass B reads the sort's outputs
             du, dv, dg = peer_backward_rows(
-                dout, x, cu, cv, cg, perm, seg_start, rows, count, (u, v, g), ctx.sparse_grad,
-                num_rows=ctx.row_count,
-            )  # fmt: skip
+                dout, x, cu, cv, cg, perm, sorted_rows, seg_start, (u, v, g), ctx.sparse_grad
+            )
         return dx, None, dscores, du, dv, dg, None, None, None
 
 

@@ -167,10 +167,10 @@ if triton is not None:
 
     @triton.jit
     def _weighted_gather_kernel(
-        idx_ptr,  # (R, K) int64 table rows
-        w_ptr,  # (R, K) fp32 weights
+        idx_ptr,  # (P, R, K) int64 rows of the stacked table
+        w_ptr,  # (R, K) fp32 weights, shared by the parts
         table_ptr,  # (n, Q) fp32, unit column stride
-        out_ptr,  # (R, Q) fp32 out, row stride `stride_out`
+        out_ptr,  # (R, P*Q) fp32 out (part p in columns p*Q ..), row stride `stride_out`
         R,
         Q,
         stride_out,
@@ -179,27 +179,29 @@ if triton is not None:
         BLOCK_Q: tl.constexpr,
     ):
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        part = tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, BLOCK_Q)
         row_ok = rows < R
         mask = row_ok[:, None] & (cols[None, :] < Q)
         rows64 = rows.to(tl.int64)
         acc = tl.zeros((BLOCK_R, BLOCK_Q), dtype=tl.float32)
         for j in tl.static_range(K):  # fixed order over the k slots: deterministic sums
-            idx = tl.load(idx_ptr + rows64 * K + j, mask=row_ok, other=0)
+            idx = tl.load(idx_ptr + (part * R + rows64) * K + j, mask=row_ok, other=0)
             w = tl.load(w_ptr + rows64 * K + j, mask=row_ok, other=0.0)
             t = tl.load(table_ptr + idx[:, None] * Q + cols[None, :], mask=mask, other=0.0)
             acc += w[:, None] * t
-        tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], acc, mask=mask)
+        tl.store(out_ptr + rows64[:, None] * stride_out + part * Q + cols[None, :], acc, mask=mask)
 
     @triton.jit
     def _segment_rows_kernel(
-        perm_ptr,  # (R*K,) int64 entry ids (r * K + slot) sorted by table row
+        perm_ptr,  # (P*R*K,) int64 entry ids (p * R*K + r * K + slot) sorted by table row
         seg_ptr,  # (n + 1,) int64 segment boundaries into perm
-        w_ptr,  # (R*K,) fp32 weights by entry id
-        src_ptr,  # (R, Q) fp32, row stride `stride_src`, unit column stride
+        w_ptr,  # (R*K,) fp32 weights by entry id modulo R*K (shared by the parts)
+        src_ptr,  # (R, P*Q) fp32, row stride `stride_src`, unit column stride: part p in columns p*Q ..
         out_ptr,  # (SPLIT, n, Q) fp32 out: partial sums, one slice per split
         n,
         Q,
+        RK,
         stride_src,
         K: tl.constexpr,
         SPLIT: tl.constexpr,
@@ -219,9 +221,11 @@ if triton is not None:
             offs = p0 + tl.arange(0, BLOCK_S)
             ok = offs < end
             entry = tl.load(perm_ptr + offs, mask=ok, other=0)
-            w = tl.load(w_ptr + entry, mask=ok, other=0.0)
+            part = entry // RK
+            within = entry - part * RK  # r * K + slot
+            w = tl.load(w_ptr + within, mask=ok, other=0.0)
             s = tl.load(
-                src_ptr + (entry // K)[:, None] * stride_src + cols[None, :],
+                src_ptr + (within // K)[:, None] * stride_src + (part * Q)[:, None] + cols[None, :],
                 mask=ok[:, None] & mask_q[None, :],
                 other=0.0,
             )
@@ -236,24 +240,35 @@ _ROUTING_BWD_TILE = 4096
 _SEGMENT_SPLIT = 8
 
 
-def weighted_gather_triton(idx_RK: Tensor, w_RK: Tensor, table_nQ: Tensor, out_RQ: Tensor) -> Tensor:
-    """out[r] = sum_k w[r, k] * table[idx[r, k]] (fp32), written into ``out_RQ`` (may be a column slice)."""
-    R, K = idx_RK.shape
+def _parts(idx: Tensor) -> Tensor:
+    """(R, K) -> (1, R, K): one part; (P, R, K) as is."""
+    return idx.unsqueeze(0) if idx.dim() == 2 else idx
+
+
+def weighted_gather_triton(idx_PRK: Tensor, w_RK: Tensor, table_nQ: Tensor, out_RX: Tensor) -> Tensor:
+    """out[r, p*Q:(p+1)*Q] = sum_k w[r, k] * table[idx[p, r, k]] (fp32), for every part p at once.
+
+    idx (P, R, K) rows of one stacked table (or (R, K) for one part); ``out_RX`` (R, P*Q) fp32 with unit
+    column stride (may be a column slice of a wider tensor).
+    """
+    idx_PRK = _parts(idx_PRK)
+    P, R, K = idx_PRK.shape
     Q = table_nQ.shape[1]
-    assert out_RQ.shape == (R, Q) and out_RQ.stride(1) == 1 and out_RQ.dtype == torch.float32
+    assert out_RX.shape == (R, P * Q) and out_RX.stride(1) == 1 and out_RX.dtype == torch.float32
     if R == 0:
-        return out_RQ
+        return out_RX
     block_q = triton.next_power_of_2(Q)
     block_r = max(1, min(64, _ROUTING_BWD_TILE // block_q, triton.next_power_of_2(R)))
-    _weighted_gather_kernel[(triton.cdiv(R, block_r),)](
-        idx_RK.contiguous(), w_RK.float().contiguous(), table_nQ.float().contiguous(), out_RQ,
-        R, Q, out_RQ.stride(0), K=K, BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=4,
+    _weighted_gather_kernel[(triton.cdiv(R, block_r), P)](
+        idx_PRK.contiguous(), w_RK.float().contiguous(), table_nQ.float().contiguous(), out_RX,
+        R, Q, out_RX.stride(0), K=K, BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=4,
     )  # fmt: skip
-    return out_RQ
+    return out_RX
 
 
 def sort_segments(idx_RK: Tensor, n: int, stable: bool = True) -> tuple[Tensor, Tensor]:
-    """Entries r * K + slot grouped by table row: (perm (R*K,) int64, seg (n + 1,) int64 boundaries).
+    """Entries (their flat positions in idx) grouped by table row: (perm (numel,) int64, seg (n + 1,)
+    int64 boundaries).
 
     No host sync: the number of segments is the table height n, known in advance, so ``searchsorted``
     of the sorted rows against 0..n gives every boundary (empty rows get empty segments). Narrow keys
@@ -266,38 +281,43 @@ def sort_segments(idx_RK: Tensor, n: int, stable: bool = True) -> tuple[Tensor, 
     return perm, seg
 
 
-def segment_rows_triton(idx_RK: Tensor, w_RK: Tensor, src_RQ: Tensor, n: int, deterministic: bool = True) -> Tensor:
-    """out (n, Q) fp32 with out[c] = sum over (r, k) where idx[r, k] == c of w[r, k] * src[r].
+def segment_rows_triton(idx_PRK: Tensor, w_RK: Tensor, src_RX: Tensor, n: int, deterministic: bool = True) -> Tensor:
+    """out (n, Q) fp32 with out[c] = sum over (p, r, k) where idx[p, r, k] == c of w[r, k] * src[r, p*Q:(p+1)*Q].
 
-    No atomics: entries are sorted by row and each row's segment is reduced by ``_SEGMENT_SPLIT``
-    programs (fixed interleaved blocks, partial sums added in split order) in sorted
-    order (``stable`` sort when ``deterministic``, so the bits do not depend on the sort). ``src_RQ`` may
-    be a column slice (unit column stride).
+    idx (P, R, K) rows of one stacked table of height n (or (R, K) for one part); ``src_RX`` (R, P*Q)
+    fp32 with unit column stride (may be a column slice). No atomics: entries are sorted by row and each
+    row's segment is reduced by ``_SEGMENT_SPLIT`` programs (fixed interleaved blocks, partial sums added
+    in split order) in sorted order (``stable`` sort when ``deterministic``, so the bits do not depend on
+    the sort).
     """
-    R, K = idx_RK.shape
-    Q = src_RQ.shape[1]
-    assert src_RQ.stride(1) == 1 and src_RQ.dtype == torch.float32
-    partial = torch.empty(_SEGMENT_SPLIT, n, Q, device=src_RQ.device, dtype=torch.float32)
+    idx_PRK = _parts(idx_PRK)
+    P, R, K = idx_PRK.shape
+    Q = src_RX.shape[1] // P
+    assert src_RX.shape[1] == P * Q and src_RX.stride(1) == 1 and src_RX.dtype == torch.float32
+    partial = torch.empty(_SEGMENT_SPLIT, n, Q, device=src_RX.device, dtype=torch.float32)
     if n == 0:
         return partial[0]
-    perm, seg = sort_segments(idx_RK, n, stable=deterministic)
+    perm, seg = sort_segments(idx_PRK, n, stable=deterministic)
     block_q = triton.next_power_of_2(Q)
     block_s = max(1, min(32, _ROUTING_BWD_TILE // block_q))
     _segment_rows_kernel[(n, _SEGMENT_SPLIT)](
-        perm, seg, w_RK.float().contiguous().view(-1), src_RQ, partial, n, Q, src_RQ.stride(0),
+        perm, seg, w_RK.float().contiguous().view(-1), src_RX, partial, n, Q, R * K, src_RX.stride(0),
         K=K, SPLIT=_SEGMENT_SPLIT, BLOCK_S=block_s, BLOCK_Q=block_q, num_warps=4,
     )  # fmt: skip
     return partial.sum(0)
 
 
-def weighted_gather_reference(idx_RK: Tensor, w_RK: Tensor, table_nQ: Tensor) -> Tensor:
-    """(R, Q): sum_k w[r, k] * table[idx[r, k]], in the table's dtype."""
-    return torch.einsum("rk,rkq->rq", w_RK.to(table_nQ.dtype), table_nQ[idx_RK])
+def weighted_gather_reference(idx_PRK: Tensor, w_RK: Tensor, table_nQ: Tensor) -> Tensor:
+    """(R, P*Q): part p's columns sum_k w[r, k] * table[idx[p, r, k]], in the table's dtype."""
+    w = w_RK.to(table_nQ.dtype)
+    return torch.cat([torch.einsum("rk,rkq->rq", w, table_nQ[idx]) for idx in _parts(idx_PRK)], dim=-1)
 
 
-def segment_rows_reference(idx_RK: Tensor, w_RK: Tensor, src_RQ: Tensor, n: int) -> Tensor:
-    """(n, Q): index_add of w[r, k] * src[r] into row idx[r, k], in src's dtype."""
-    R, K = idx_RK.shape
-    contrib = (w_RK.to(src_RQ.dtype).unsqueeze(-1) * src_RQ.unsqueeze(1)).reshape(R * K, -1)
-    out = torch.zeros(n, src_RQ.shape[1], device=src_RQ.device, dtype=src_RQ.dtype)
-    return out.index_add_(0, idx_RK.reshape(-1), contrib)
+def segment_rows_reference(idx_PRK: Tensor, w_RK: Tensor, src_RX: Tensor, n: int) -> Tensor:
+    """(n, Q): index_add of w[r, k] * src[r, part p's columns] into row idx[p, r, k], in src's dtype."""
+    idx_PRK = _parts(idx_PRK)
+    out = torch.zeros(n, src_RX.shape[1] // idx_PRK.shape[0], device=src_RX.device, dtype=src_RX.dtype)
+    for idx, src in zip(idx_PRK, src_RX.chunk(idx_PRK.shape[0], dim=-1), strict=True):
+        contrib = (w_RK.to(src.dtype).unsqueeze(-1) * src.unsqueeze(1)).reshape(-1, src.shape[1])
+        out.index_add_(0, idx.reshape(-1), contrib)
+    return out

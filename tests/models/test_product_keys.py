@@ -155,6 +155,29 @@ def test_retrieve_topk_through_the_fused_kernel(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(triton_retrieval.triton is None, reason="triton is not installed")
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-head"])
+def test_routing_backward_kernels_equal_the_torch_backward(monkeypatch, shared):
+    """The Triton routing backward (all parts stacked into one table: one gather, one sort, one segment
+    reduction; forced here on the interpreter's CPU tensors) gives the torch backward's gradients, for
+    three parts of different sizes, with and without a gradient for the queries."""
+    gen = torch.Generator().manual_seed(11)
+    sizes, T, H, q, k = [6, 4, 5], 7, 2, 4, 5
+    q_THQ = torch.randn(T, H, q * len(sizes), generator=gen, requires_grad=True)
+    keys = [torch.randn(*(() if shared else (H,)), n, q, generator=gen, requires_grad=True) for n in sizes]
+    weight = torch.randn(T, H, k, generator=gen)
+    grads = {}
+    for use_kernels in (False, True):
+        monkeypatch.setattr(product_keys, "kernel_applies", lambda t, on=use_kernels: on)
+        scores, _ = retrieve_topk(q_THQ, keys, k)
+        grads[use_kernels] = torch.autograd.grad((scores * weight).sum(), [q_THQ, *keys])
+        keys_only = torch.autograd.grad((retrieve_topk(q_THQ.detach(), keys, k)[0] * weight).sum(), keys)
+        for g, w in zip(keys_only, grads[use_kernels][1:], strict=True):
+            torch.testing.assert_close(g, w)
+    for g, w in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_use_kernels_false_never_dispatches_to_triton(monkeypatch):
     """``use_kernels=False`` (PEERConfig.kernel: torch) keeps retrieval in PyTorch even where the fused
     kernel would apply (forced here) or the top-k kernels would (CUDA)."""

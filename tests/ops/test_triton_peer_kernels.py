@@ -125,8 +125,9 @@ def test_forward_row_count_equals_the_sorts_count(M):
     for indices in (few, distinct):
         indices = indices.to(DEVICE)
         counted = tpk.touched_row_count(indices, N, M)
-        *_, sorted_count = tpk.sort_rows(indices, M, N, deterministic=True)
-        assert counted.tolist() == sorted_count.tolist() == [torch.unique(indices).numel() * M]
+        _, _, seg_start = tpk.sort_rows(indices, M, N, deterministic=True)
+        segments = int((seg_start < indices.numel() * M).sum())
+        assert counted.tolist() == [segments] == [torch.unique(indices).numel() * M]
 
 
 def test_backward_is_bitwise_reproducible_with_a_hot_expert():
@@ -172,14 +173,15 @@ def test_rejects_unknown_activation_and_non_int64_indices():
         peer_experts_triton(x, indices.int(), scores, *tables, "gelu")
 
 
-def test_sort_rows_segments_on_device_without_reading_the_count():
+@pytest.mark.parametrize("num_rows", [None, 8], ids=["upper-bound", "exact"])
+def test_sort_rows_segments_on_device_without_reading_the_count(num_rows):
     idx = torch.tensor([[[4, 1], [4, 4]], [[0, 1], [7, 4]]])  # (T=2, H=2, K=2), M=2 -> rows 2*e, 2*e+1
-    perm, seg_start, rows, count = tpk.sort_rows(idx.to(DEVICE), 2, 8, deterministic=True)
-    R = int(count.item())
-    assert R == 8  # experts 0, 1, 4, 7, two units each
-    assert rows[:R].tolist() == [0, 1, 2, 3, 8, 9, 14, 15]
+    perm, sorted_rows, seg_start = tpk.sort_rows(idx.to(DEVICE), 2, 8, deterministic=True, num_rows=num_rows)
     n = idx.numel() * 2
-    assert seg_start.tolist() == [0, 1, 2, 4, 6, 10, 14, 15] + [n] * (n + 1 - 8)
+    starts = [0, 1, 2, 4, 6, 10, 14, 15]  # rows 0, 1, 2, 3, 8, 9, 14, 15: experts 0, 1, 4, 7, two units each
+    assert seg_start.tolist() == starts + [n] * (len(seg_start) - 8)
+    assert len(seg_start) == (n if num_rows is None else num_rows) + 1
+    assert sorted_rows[starts].tolist() == [0, 1, 2, 3, 8, 9, 14, 15]
     assert perm[seg_start[4] : seg_start[5]].tolist() == [0, 4, 6, 14]  # row 8: expert 4, unit 0
 
 

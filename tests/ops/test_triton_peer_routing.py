@@ -99,27 +99,32 @@ def test_retrieve_topk_kernels_forward_and_gradients_equal_dense_reference(kerne
 
 @pytest.mark.parametrize("R,K,n,Q", [(1, 1, 1, 1), (13, 4, 7, 5), (40, 16, 9, 32)], ids=str)
 @pytest.mark.parametrize("hot", [False, True], ids=["uniform", "hot-row"])
-def test_routing_backward_kernels_equal_references(R, K, n, Q, hot):
-    """dq (weighted gather) and d sub-keys (sorted segments) equal gather/index_add, on column slices."""
-    gen = torch.Generator().manual_seed(R + K + n + Q + hot)
-    idx = torch.randint(0, n, (R, K), generator=gen)
+@pytest.mark.parametrize("P", [1, 3], ids=["1part", "3parts"])
+def test_routing_backward_kernels_equal_references(R, K, n, Q, hot, P):
+    """dq (weighted gather) and d sub-keys (sorted segments) equal gather/index_add, on column slices;
+    P parts share one stacked table and write their own column blocks."""
+    gen = torch.Generator().manual_seed(R + K + n + Q + hot + P)
+    idx = torch.randint(0, n, (P, R, K), generator=gen)
     if hot:  # one row takes ~80% of the entries: one long segment; others may stay empty
-        idx = torch.where(torch.rand(R, K, generator=gen) < 0.8, torch.zeros_like(idx), idx)
+        idx = torch.where(torch.rand(P, R, K, generator=gen) < 0.8, torch.zeros_like(idx), idx)
     w = torch.randn(R, K, generator=gen)
     table = torch.randn(n, Q, generator=gen)
-    wide = torch.randn(R, 3 * Q, generator=gen)  # src is the middle column slice, as for part 1 of 3
-    src = wide[:, Q : 2 * Q]
+    wide = torch.randn(R, (P + 2) * Q, generator=gen)  # src is the middle columns, as for parts 1..P of P+2
+    src = wide[:, Q : (P + 1) * Q]
     d = lambda t: t.to(DEVICE)  # noqa: E731
-    out = torch.full((R, 3 * Q), float("nan"), device=DEVICE)  # poisoned: only the slice is written
-    triton_peer_routing.weighted_gather_triton(d(idx), d(w), d(table), out[:, Q : 2 * Q])
+    out = torch.full((R, (P + 2) * Q), float("nan"), device=DEVICE)  # poisoned: only the slice is written
+    triton_peer_routing.weighted_gather_triton(d(idx), d(w), d(table), out[:, Q : (P + 1) * Q])
     torch.testing.assert_close(
-        out[:, Q : 2 * Q].cpu(), triton_peer_routing.weighted_gather_reference(idx, w, table), rtol=1e-5, atol=1e-5
+        out[:, Q : (P + 1) * Q].cpu(),
+        triton_peer_routing.weighted_gather_reference(idx, w, table),
+        rtol=1e-5,
+        atol=1e-5,
     )
-    assert out[:, :Q].isnan().all() and out[:, 2 * Q :].isnan().all()
-    got = triton_peer_routing.segment_rows_triton(d(idx), d(w), d(wide)[:, Q : 2 * Q], n)
+    assert out[:, :Q].isnan().all() and out[:, (P + 1) * Q :].isnan().all()
+    got = triton_peer_routing.segment_rows_triton(d(idx), d(w), d(wide)[:, Q : (P + 1) * Q], n)
     want = triton_peer_routing.segment_rows_reference(idx, w, src, n)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
-    again = triton_peer_routing.segment_rows_triton(d(idx), d(w), d(wide)[:, Q : 2 * Q], n)
+    again = triton_peer_routing.segment_rows_triton(d(idx), d(w), d(wide)[:, Q : (P + 1) * Q], n)
     assert torch.equal(got, again)  # fixed summation order: same bits every run
 
 
