@@ -227,7 +227,7 @@ def _peer_bwd_row_kernel(
     experts_ptr,  # (R // M,) int64 out: expert of each compact row group (SPARSE), or dummy
     D,
     E,
-    M,
+    M: tl.constexpr,  # constexpr: the expert id divisions below compile to shifts (M = 1: nothing)
     GLU: tl.constexpr,
     SPARSE: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -428,7 +428,7 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables
         _peer_bwd_row_kernel[(grid,)](
             x, dout, perm, sorted_rows, seg_start, n, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
             grads[0], grads[1], grads[2] if glu else grads[0], experts,
-            D, E, M, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
+            D, E, M=M, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
     if not sparse_grad:
         return tuple(gr.view(N, M, D) if gr is not None else None for gr in grads)

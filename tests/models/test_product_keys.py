@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -12,6 +13,10 @@ from hypothesis import strategies as st
 from llm.models import product_keys
 from llm.models.product_keys import brute_force_topk, product_topk, retrieve_topk, subkey_scores_from_queries
 from llm.ops import triton_retrieval
+
+# Tests that force the Triton kernels run them on the interpreter's CPU tensors, or on the GPU where the
+# interpreter is off (a compiled kernel cannot read CPU tensors).
+KERNEL_DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
 
 
 def python_brute_force(parts, k):
@@ -142,13 +147,15 @@ def test_retrieve_topk_through_the_fused_kernel(monkeypatch):
     monkeypatch.setattr(product_keys, "fused_retrieval_applies", applies_and_count)
     gen = torch.Generator().manual_seed(5)
     T, H, q, n, k = 9, 2, 16, 40, 6
-    q_THQ = torch.randint(-2, 3, (T, H, 2 * q), generator=gen).float().requires_grad_()
-    keys = [torch.randint(-2, 3, (H, n, q), generator=gen).float().requires_grad_() for _ in range(2)]
+    q_THQ = torch.randint(-2, 3, (T, H, 2 * q), generator=gen).float().to(KERNEL_DEVICE).requires_grad_()
+    keys = [
+        torch.randint(-2, 3, (H, n, q), generator=gen).float().to(KERNEL_DEVICE).requires_grad_() for _ in range(2)
+    ]
     scores, ids = retrieve_topk(q_THQ, keys, k)
     assert calls
     want_scores, want_ids = product_topk(subkey_scores_from_queries(q_THQ, keys), k)
     assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
-    weight = torch.randn(T, H, k, generator=gen)
+    weight = torch.randn(T, H, k, generator=gen).to(KERNEL_DEVICE)
     got = torch.autograd.grad((scores * weight).sum(), [q_THQ, *keys])
     want = torch.autograd.grad((want_scores * weight).sum(), [q_THQ, *keys])
     for g, w in zip(got, want, strict=True):
@@ -163,9 +170,11 @@ def test_routing_backward_kernels_equal_the_torch_backward(monkeypatch, shared):
     three parts of different sizes, with and without a gradient for the queries."""
     gen = torch.Generator().manual_seed(11)
     sizes, T, H, q, k = [6, 4, 5], 7, 2, 4, 5
-    q_THQ = torch.randn(T, H, q * len(sizes), generator=gen, requires_grad=True)
-    keys = [torch.randn(*(() if shared else (H,)), n, q, generator=gen, requires_grad=True) for n in sizes]
-    weight = torch.randn(T, H, k, generator=gen)
+    q_THQ = torch.randn(T, H, q * len(sizes), generator=gen).to(KERNEL_DEVICE).requires_grad_()
+    keys = [
+        torch.randn(*(() if shared else (H,)), n, q, generator=gen).to(KERNEL_DEVICE).requires_grad_() for n in sizes
+    ]
+    weight = torch.randn(T, H, k, generator=gen).to(KERNEL_DEVICE)
     grads = {}
     for use_kernels in (False, True):
         monkeypatch.setattr(product_keys, "kernel_applies", lambda t, on=use_kernels: on)
