@@ -351,25 +351,28 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
         if name.startswith("ours (triton") or name == "PEER-pytorch":
             busy, kernels, cpu_ops = gpu_busy_ms(run)
             rows.append(Row(size, "layer fwd+bwd GPU busy", name, busy, note=f"{len(kernels)} distinct kernels"))
-            host, gpu, wait = host_and_back_to_back_ms(run)
-            rows.append(Row(size, "layer fwd+bwd back to back", name, gpu, note=f"no L2 flush; {wait:.3f} ms R wait"))
-            rows.append(Row(size, "layer fwd+bwd host issue time", name, host))
             if profile_out:
                 with open(profile_out, "a") as f:
                     f.write(f"## {size} {name}: {busy:.3f} ms GPU busy per step\n")
                     f.writelines(f"{ms:8.4f}  {key[:160]}\n" for key, ms in kernels)
                     f.write("### host: self CPU ms per step (under the profiler), calls per step, op\n")
                     f.writelines(f"{ms:8.4f} {n:4d}  {key[:120]}\n" for key, ms, n in cpu_ops)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    # per variant and round: do_bench time, and (ours, PEER-pytorch) host issue time and back-to-back time
+    times: dict[str, list[list[float]]] = {name: [] for name in runs}
     names = list(runs)
     for r in range(LAYER_ROUNDS):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             set_flags(name)
-            times[name].append(bench(runs[name], warmup=3, rep=40))
-    for name, ts in times.items():
-        ts.sort()
-        note = f"median of {len(ts)} rounds, range {ts[0]:.3f}-{ts[-1]:.3f}"
-        rows.append(Row(size, "layer fwd+bwd", name, ts[len(ts) // 2], note=note))
+            sample = [bench(runs[name], warmup=3, rep=40)]
+            if name.startswith("ours (triton") or name == "PEER-pytorch":
+                host, gpu, _ = host_and_back_to_back_ms(runs[name])
+                sample += [host, gpu]
+            times[name].append(sample)
+    labels = ("layer fwd+bwd", "layer fwd+bwd host issue time", "layer fwd+bwd back to back (no L2 flush)")
+    for name, samples in times.items():
+        for label, ts in zip(labels, map(sorted, zip(*samples)), strict=False):
+            note = f"median of {len(ts)} rounds, range {ts[0]:.3f}-{ts[-1]:.3f}"
+            rows.append(Row(size, label, name, ts[len(ts) // 2], note=note))
     set_flags("")
     del built, runs
     torch.cuda.empty_cache()
