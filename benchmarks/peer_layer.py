@@ -370,7 +370,7 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
             times[name].append(sample)
     labels = ("layer fwd+bwd", "layer fwd+bwd host issue time", "layer fwd+bwd back to back (no L2 flush)")
     for name, samples in times.items():
-        for label, ts in zip(labels, map(sorted, zip(*samples)), strict=False):
+        for label, ts in zip(labels, map(sorted, zip(*samples, strict=True)), strict=False):
             note = f"median of {len(ts)} rounds, range {ts[0]:.3f}-{ts[-1]:.3f}"
             rows.append(Row(size, label, name, ts[len(ts) // 2], note=note))
     set_flags("")
