@@ -152,13 +152,9 @@ def run_experts(rows, size, sweep):
     inputs = make_expert_inputs(D, N, H, K, T)
     if sweep:
         sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T)
-    variants = (("triton dense-grad", {}, True), ("triton sparse-grad", {"sparse_grad": True}, True),
-                ("triton sparse-grad, sort in line", {"sparse_grad": True}, False))  # fmt: skip
-    for label, kw, overlap in variants:
-        tpk.OVERLAP_SORT = overlap  # the backward's sort beside pass A on a side stream, or before it
+    for label, kw in (("triton dense-grad", {}), ("triton sparse-grad", {"sparse_grad": True})):
         fn = lambda x, i, s, u, v, kw=kw: tpk.peer_experts_triton(x, i, s, u, v, "gelu", **kw)  # noqa: E731
         time_expert_impl(rows, size, label, fn, inputs, D, H, K, T)
-    tpk.OVERLAP_SORT = True
     # Pieces of the backward, to see where its time goes.
     x, idx, s, u, v, dout = inputs
     rows.append(Row(size, "piece: sort+segment", "triton", bench(lambda: tpk.sort_rows(idx, 1, N, False))))
@@ -283,13 +279,13 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     from llm.config.defaults import PEERConfig
     from llm.models import product_keys
     from llm.models.experts import PEER, SwiGLU
-    from llm.ops import triton_peer_kernels as tpk
+    from llm.ops import triton_retrieval
 
     D, N, H, K, T = SIZES[size]
     side = int(math.isqrt(N))
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(x)
-    builders, flags = {}, {}  # flags: (fused routing, sort beside pass A) while the variant runs
+    builders, flags = {}, {}  # flags: (fused routing, its chunk key bits) while the variant runs
     cfg = PEERConfig(num_experts=N, product_key_dim=[side, side], num_experts_per_tok=K, num_heads=H, query_dim=128,
                      kernel="triton")  # fmt: skip
     builders["ours (triton)"] = lambda: PEER(D, cfg)
@@ -297,7 +293,7 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     sparse = "ours (triton, sparse table grads)"
     builders[sparse] = lambda: PEER(D, replace(cfg, table_optimizer="sparse_adam"))
     # the same, with the routing forward unfused (score GEMMs, per-part top-k, merge: three kernels)
-    for name, flag in (("unfused routing", (False, True)), ("sort in line", (True, False))):
+    for name, flag in (("unfused routing", (False, 64)), ("32-bit chunk keys", (True, 32))):
         builders[f"{sparse}, {name}"] = builders[sparse]
         flags[f"{sparse}, {name}"] = flag
     builders["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
@@ -312,7 +308,7 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     builders[f"dense SwiGLU f={4 * D}"] = lambda: SwiGLU(D, 4 * D)
 
     def set_flags(name):
-        product_keys.FUSED_RETRIEVAL, tpk.OVERLAP_SORT = flags.get(name, (True, True))
+        product_keys.FUSED_RETRIEVAL, triton_retrieval.CHUNK_KEY_BITS = flags.get(name, (True, 64))
 
     built, runs = {}, {}  # variants of one builder share its layer (same weights, other flags)
     for name, build in builders.items():

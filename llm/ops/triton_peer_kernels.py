@@ -31,8 +31,9 @@ No host sync: segments are found on the device and the dense-gradient pass B's g
 T*E (programs past the real count R exit). Sparse gradients need R on the host to size their buffers:
 the forward counts the touched rows with a bitmap and starts an asynchronous copy of R to the host
 (``touched_row_count``, ``RowCount``), which has long finished when the backward reads it, so the host
-never waits for the GPU (torch's sync debug mode reports no synchronizing call). The backward's sort runs
-on a side stream beside pass A (``OVERLAP_SORT``).
+never waits for the GPU (torch's sync debug mode reports no synchronizing call). The sort stays on the
+main stream: on a side stream beside pass A it saved 0.03 ms of GPU time and cost more host time than
+that (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -471,58 +472,17 @@ class PEERExpertsFunction(torch.autograd.Function):
         T, H, K = indices.shape
         M = u.shape[1]
         need_tables = any(ctx.needs_input_grad[3:6])
-        if need_tables:  # the sort runs beside pass A where a side stream is available
-            # sparse gradients are sized by R, which the forward counted and sent to the host
-            num_rows = ctx.row_count.get() if ctx.sparse_grad else None
-            with _beside_main_stream(dout.device) as rejoin:
-                perm, sorted_rows, seg_start = sort_rows(indices, M, u.shape[0], ctx.deterministic, num_rows)
         dx, dscore, cu, cv, cg = peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, ctx.activation)
         dscores = (dscore if M == 1 else dscore.view(T, H, K, M).sum(-1)).view(T, H, K).to(scores.dtype)
         du = dv = dg = None
         if need_tables:
-            rejoin()  # pass B reads the sort's outputs
+            # sparse gradients are sized by R, which the forward counted and sent to the host
+            num_rows = ctx.row_count.get() if ctx.sparse_grad else None
+            perm, sorted_rows, seg_start = sort_rows(indices, M, u.shape[0], ctx.deterministic, num_rows)
             du, dv, dg = peer_backward_rows(
                 dout, x, cu, cv, cg, perm, sorted_rows, seg_start, (u, v, g), ctx.sparse_grad
             )
         return dx, None, dscores, du, dv, dg, None, None, None
-
-
-# The backward's sort (latency-bound: a radix sort and a dozen small kernels, 0.37-0.52 ms at the paper's
-# size on an H100) runs on a side stream while pass A (bandwidth-bound) runs on the main one. Benchmarks
-# turn it off to compare.
-OVERLAP_SORT = True
-
-
-@functools.cache
-def _side_stream(device_index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device=device_index)
-
-
-class _beside_main_stream:
-    """``with _beside_main_stream(device) as rejoin:`` queues its body on a side stream; ``rejoin()``
-    makes the main stream wait for it. On CPU (or with OVERLAP_SORT off) the body runs in place.
-
-    Memory safety without ``record_stream``: the side stream first waits for the main one, so its inputs
-    are ready; the main stream waits for the side one (``rejoin``) before it reads the outputs, so every
-    later use or reuse of those blocks on the main stream is ordered after the side work; and blocks
-    freed back to the side stream's pool are only handed out again after its next wait on the main one.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.side = _side_stream(device.index) if device.type == "cuda" and OVERLAP_SORT else None
-
-    def __enter__(self):
-        if self.side is None:
-            return lambda: None
-        main = torch.cuda.current_stream(self.side.device)
-        self.side.wait_stream(main)
-        self.context = torch.cuda.stream(self.side)
-        self.context.__enter__()
-        return lambda: main.wait_stream(self.side)
-
-    def __exit__(self, *exc) -> None:
-        if self.side is not None:
-            self.context.__exit__(*exc)
 
 
 def _fallback_reason(x, indices, u) -> str | None:

@@ -132,9 +132,12 @@ if triton is not None:
             if KEYS32:  # the chunk's top-KP on 32-bit keys (scores truncated by POS_BITS mantissa bits)
                 packed = _pack_chunk_key(s, tl.arange(0, BLOCK_N)[None, :], POS_BITS)
                 top = tl.topk(tl.where(col_ok[None, :], packed, _EMPTY_KEY32), KP)  # (BLOCK_T, KP), descending
-                val, pos = _unpack_chunk_key(top, POS_BITS)
-                # same order in 64 bits: equal truncated scores rank by position, i.e. by id
-                chunk = tl.where(top != _EMPTY_KEY32, pack_score_id(val, c0 + pos), _EMPTY_KEY)
+                _, pos = _unpack_chunk_key(top, POS_BITS)
+                # the winners' exact scores, so everything after this step (and the returned values) is
+                # exact; only candidates within 2^-(23 - POS_BITS) of each other inside one chunk can
+                # come out in another order (see the module docstring)
+                exact = tl.gather(s, pos, axis=1)
+                chunk = tl.where(top != _EMPTY_KEY32, pack_score_id(exact, c0 + pos), _EMPTY_KEY)
             else:
                 packed = tl.where(col_ok[None, :], pack_score_id(s, cols[None, :]), _EMPTY_KEY)
                 chunk = tl.topk(packed, KP)  # (BLOCK_T, KP), descending
