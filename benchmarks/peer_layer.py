@@ -279,13 +279,12 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     from llm.config.defaults import PEERConfig
     from llm.models import product_keys
     from llm.models.experts import PEER, SwiGLU
-    from llm.ops import triton_retrieval
 
     D, N, H, K, T = SIZES[size]
     side = int(math.isqrt(N))
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     dout = torch.randn_like(x)
-    builders, flags = {}, {}  # flags: (fused routing, its chunk key bits) while the variant runs
+    builders, flags = {}, {}  # flags: fused routing on/off while the variant runs
     cfg = PEERConfig(num_experts=N, product_key_dim=[side, side], num_experts_per_tok=K, num_heads=H, query_dim=128,
                      kernel="triton")  # fmt: skip
     builders["ours (triton)"] = lambda: PEER(D, cfg)
@@ -293,9 +292,9 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     sparse = "ours (triton, sparse table grads)"
     builders[sparse] = lambda: PEER(D, replace(cfg, table_optimizer="sparse_adam"))
     # the same, with the routing forward unfused (score GEMMs, per-part top-k, merge: three kernels)
-    for name, flag in (("unfused routing", (False, 64)), ("32-bit chunk keys", (True, 32))):
-        builders[f"{sparse}, {name}"] = builders[sparse]
-        flags[f"{sparse}, {name}"] = flag
+    unfused = f"{sparse}, unfused routing"
+    builders[unfused] = builders[sparse]
+    flags[unfused] = False
     builders["ours (torch ref)"] = lambda: PEER(D, replace(cfg, kernel="torch"))
     if peer_pytorch_dir:
         sys.path.insert(0, str(Path(peer_pytorch_dir).resolve()))
@@ -308,7 +307,7 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
     builders[f"dense SwiGLU f={4 * D}"] = lambda: SwiGLU(D, 4 * D)
 
     def set_flags(name):
-        product_keys.FUSED_RETRIEVAL, triton_retrieval.CHUNK_KEY_BITS = flags.get(name, (True, 64))
+        product_keys.FUSED_RETRIEVAL = flags.get(name, True)
 
     built, runs = {}, {}  # variants of one builder share its layer (same weights, other flags)
     for name, build in builders.items():

@@ -75,11 +75,10 @@ def fused_sweep(configs) -> None:
     ref_vals, ref_ids = unfused(q_THQ, keys)
     ref_int = unfused(q_int, keys_int)
     print(f"fused retrieval T={T} H={H} n={n} q={q} k={K}: unfused {bench(lambda: unfused(q_THQ, keys)):.3f} ms")
-    for block_t, block_n, warps, *key_bits in configs:
-        bits = key_bits[0] if key_bits else None  # chunk key width (32 or 64); None: the default
+    for block_t, block_n, warps in configs:
 
-        def run(qq=q_THQ, kk=keys, bt=block_t, bn=block_n, w=warps, b=bits):
-            return fused_retrieval(qq, kk, K, block_t=bt, block_n=bn, num_warps=w, chunk_key_bits=b)
+        def run(qq=q_THQ, kk=keys, bt=block_t, bn=block_n, w=warps):
+            return fused_retrieval(qq, kk, K, block_t=bt, block_n=bn, num_warps=w)
 
         try:
             vals, ids = run()
@@ -90,8 +89,7 @@ def fused_sweep(configs) -> None:
             continue
         same = (ids == ref_ids).float().mean().item()
         dv = (vals - ref_vals).abs().max().item()
-        print(f"fused block_t={block_t:3d} block_n={block_n:4d} warps={warps} keys={bits or 'default'}: {ms:.3f} ms; "
-              f"ids equal {same:.5f}, "
+        print(f"fused block_t={block_t:3d} block_n={block_n:4d} warps={warps}: {ms:.3f} ms; ids equal {same:.5f}, "
               f"max|dval| {dv:.1e}; integer data exact {exact_int}")  # fmt: skip
 
 

@@ -11,9 +11,11 @@ bitonic half-cleaner step (elementwise max against the descending chunk list) an
 parts' lists then form a KP x KP grid of sums whose top-k is written out. Nothing of size n leaves the
 program.
 
-An earlier variant replaced the per-chunk bitonic top-k by a threshold (the KP-th largest chunk maximum)
-and KP extraction passes over the few candidates above it; it measured slower on an H100 (1.37 vs
-0.97 ms, benchmarks/RESULTS.md) and is in the project's history (commit 8231eff).
+Variants measured on an H100 and kept only in the project's history (benchmarks/RESULTS.md): a threshold
+(the KP-th largest chunk maximum) with KP extraction passes over the candidates above it, 1.37 vs 0.97 ms
+(commit 8231eff); 32-bit chunk keys (the score with its low log2(BLOCK_N) mantissa bits replaced by the
+position), 0.69 vs 0.86 ms but inexact (scores truncated to 17 mantissa bits, commit d79105c); the same
+with the winners' exact scores gathered back (``tl.gather``), 1.10 vs 0.88 ms in the layer's profile.
 
 Exactness: the result is the exact top-k of the scores this kernel computes (ties to the lower flat id,
 as everywhere in routing). Those scores come from ``tl.dot`` in ``tf32x3`` (three TF32 tensor-core
@@ -57,9 +59,6 @@ BLOCK_N = 64
 NUM_WARPS = 4
 # Score dots: three TF32 tensor-core products, ~fp32 accuracy (see the module docstring).
 PRECISION = "tf32x3"
-# Width of the keys a chunk's top-k sorts: 64 packs the exact fp32 score with the id; 32 packs the score
-# with its low log2(BLOCK_N) mantissa bits replaced by the chunk position (see the module docstring).
-CHUNK_KEY_BITS = 64
 
 
 def fused_retrieval_reference(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
@@ -82,27 +81,6 @@ def fused_retrieval_reference(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int)
 
 if triton is not None:
 
-    _EMPTY_KEY32 = tl.constexpr(-(2**31))
-
-    @triton.jit
-    def _pack_chunk_key(s, pos, POS_BITS: tl.constexpr):
-        """fp32 scores, chunk positions in [0, 2^POS_BITS) -> int32 keys: the score's order bits with the
-        low POS_BITS replaced by the position (larger key = higher truncated score, then lower position)."""
-        bits = s.to(tl.int32, bitcast=True)
-        mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip magnitude so order is signed-int order
-        mono = tl.where(mono == -1, 0, mono)  # -0.0 ties with +0.0
-        mono = tl.where(s == s, mono, -2147483647 + 256)  # NaN below -inf, above the empty key's bucket
-        low: tl.constexpr = (1 << POS_BITS) - 1
-        return (mono & ~low) | (low - pos)
-
-    @triton.jit
-    def _unpack_chunk_key(key, POS_BITS: tl.constexpr):
-        """int32 chunk key -> (truncated fp32 score, chunk position)."""
-        low: tl.constexpr = (1 << POS_BITS) - 1
-        mono = key & ~low
-        bits = mono ^ ((mono >> 31) & 0x7FFFFFFF)
-        return bits.to(tl.float32, bitcast=True), low - (key & low)
-
     @triton.jit
     def _part_topk(
         q_ptr,  # (T, H, 2q) fp32 contiguous, already offset to this head's part
@@ -116,8 +94,6 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
-        KEYS32: tl.constexpr,
-        POS_BITS: tl.constexpr,
     ):
         """(BLOCK_T, KP) packed keys of this part's top-KP sub-keys per token, in ascending order."""
         rows = t0 + tl.arange(0, BLOCK_T)
@@ -129,18 +105,8 @@ if triton is not None:
             col_ok = cols < n
             keys_T = tl.load(keys_ptr + cols[None, :] * Q + dims[:, None], mask=col_ok[None, :], other=0.0)
             s = tl.dot(q, keys_T, input_precision=PRECISION)  # (BLOCK_T, BLOCK_N) fp32
-            if KEYS32:  # the chunk's top-KP on 32-bit keys (scores truncated by POS_BITS mantissa bits)
-                packed = _pack_chunk_key(s, tl.arange(0, BLOCK_N)[None, :], POS_BITS)
-                top = tl.topk(tl.where(col_ok[None, :], packed, _EMPTY_KEY32), KP)  # (BLOCK_T, KP), descending
-                _, pos = _unpack_chunk_key(top, POS_BITS)
-                # the winners' exact scores, so everything after this step (and the returned values) is
-                # exact; only candidates within 2^-(23 - POS_BITS) of each other inside one chunk can
-                # come out in another order (see the module docstring)
-                exact = tl.gather(s, pos, axis=1)
-                chunk = tl.where(top != _EMPTY_KEY32, pack_score_id(exact, c0 + pos), _EMPTY_KEY)
-            else:
-                packed = tl.where(col_ok[None, :], pack_score_id(s, cols[None, :]), _EMPTY_KEY)
-                chunk = tl.topk(packed, KP)  # (BLOCK_T, KP), descending
+            packed = tl.where(col_ok[None, :], pack_score_id(s, cols[None, :]), _EMPTY_KEY)
+            chunk = tl.topk(packed, KP)  # (BLOCK_T, KP), descending
             # An ascending and a descending list side by side form a bitonic sequence, whose half-cleaner
             # step (elementwise max) keeps exactly the top-KP of the union (keys are unique within a
             # row); one sort of KP restores the ascending order. Cheaper than a top-k of the 2*KP join.
@@ -167,18 +133,12 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
-        KEYS32: tl.constexpr,
-        POS_BITS: tl.constexpr,
     ):
         t0 = tl.program_id(0) * BLOCK_T
         h = tl.program_id(1).to(tl.int64)
         q_head = q_ptr + h * 2 * Q
-        a = _part_topk(
-            q_head, keys0_ptr + h * head_stride0, t0, T, H, n0, Q, KP, BLOCK_T, BLOCK_N, PRECISION, KEYS32, POS_BITS
-        )
-        b = _part_topk(
-            q_head + Q, keys1_ptr + h * head_stride1, t0, T, H, n1, Q, KP, BLOCK_T, BLOCK_N, PRECISION, KEYS32, POS_BITS
-        )
+        a = _part_topk(q_head, keys0_ptr + h * head_stride0, t0, T, H, n0, Q, KP, BLOCK_T, BLOCK_N, PRECISION)
+        b = _part_topk(q_head + Q, keys1_ptr + h * head_stride1, t0, T, H, n1, Q, KP, BLOCK_T, BLOCK_N, PRECISION)
         a_val, a_pos = unpack_score_id(a)
         b_val, b_pos = unpack_score_id(b)
         # (BLOCK_T, KP, KP) grid: sums formed as a + b in fp32, ids row-major over (part 0, part 1)
@@ -221,7 +181,6 @@ def fused_retrieval(
     block_t: int = BLOCK_T,
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
-    chunk_key_bits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Same contract as ``fused_retrieval_reference`` (no gradient; values in fp32), one kernel launch.
 
@@ -243,7 +202,6 @@ def fused_retrieval(
         q_THQ.detach().contiguous(), keys0, keys1, vals, ids, T, H, n0, n1,
         n0 * q if per_head else 0, n1 * q if per_head else 0,
         Q=q, K=k, KP=kp, KOUT=max(2, triton.next_power_of_2(k)), BLOCK_T=block_t, BLOCK_N=block_n,
-        PRECISION=PRECISION, KEYS32=(chunk_key_bits or CHUNK_KEY_BITS) == 32,
-        POS_BITS=triton.next_power_of_2(block_n).bit_length() - 1, num_warps=num_warps,
+        PRECISION=PRECISION, num_warps=num_warps,
     )  # fmt: skip
     return vals, ids

@@ -42,41 +42,31 @@ CASES = [
 ]
 
 
-def _run(q_THQ, keys, k, block_n, key_bits=64):
-    vals, ids = fused_retrieval(
-        q_THQ.to(DEVICE), [t.to(DEVICE) for t in keys], k, block_t=16, block_n=block_n, chunk_key_bits=key_bits
-    )
+def _run(q_THQ, keys, k, block_n):
+    vals, ids = fused_retrieval(q_THQ.to(DEVICE), [t.to(DEVICE) for t in keys], k, block_t=16, block_n=block_n)
     return vals.cpu(), ids.cpu()
 
 
-# Both chunk key widths: 64-bit keys (exact scores) and 32-bit keys (exact winners' scores, see
-# llm/ops/triton_retrieval.py); small integer scores never come near the 32-bit keys' truncation.
-KEY_BITS = pytest.mark.parametrize("key_bits", [64, 32], ids=["keys64", "keys32"])
-
-
-@KEY_BITS
 @pytest.mark.parametrize("T,H,q,n0,n1,k,per_head,block_n", CASES, ids=str)
-def test_integer_scores_match_reference_exactly(T, H, q, n0, n1, k, per_head, block_n, key_bits):
+def test_integer_scores_match_reference_exactly(T, H, q, n0, n1, k, per_head, block_n):
     q_THQ, keys = _inputs(T, H, q, n0, n1, per_head, integer=True, seed=T + n0 + k)
-    vals, ids = _run(q_THQ, keys, k, block_n, key_bits)
+    vals, ids = _run(q_THQ, keys, k, block_n)
     want = fused_retrieval_reference(q_THQ, keys, k)
     assert torch.equal(ids, want[1])
     assert torch.equal(vals, want[0])
 
 
-@KEY_BITS
-def test_all_tied_scores_return_the_lowest_ids(key_bits):
+def test_all_tied_scores_return_the_lowest_ids():
     q_THQ, keys = _inputs(20, 1, 16, 50, 40, per_head=False, integer=True, seed=1)
-    vals, ids = _run(torch.zeros_like(q_THQ), keys, 8, 16, key_bits)
+    vals, ids = _run(torch.zeros_like(q_THQ), keys, 8, 16)
     assert torch.equal(ids, torch.arange(8).expand(20, 1, 8))
     assert (vals == 0).all()
 
 
-@KEY_BITS
-def test_gaussian_scores_match_reference_to_rounding(key_bits):
+def test_gaussian_scores_match_reference_to_rounding():
     T, H, q, n, k = 16, 2, 32, 96, 16
     q_THQ, keys = _inputs(T, H, q, n, n, per_head=True, integer=False, seed=3)
-    vals, ids = _run(q_THQ, keys, k, 64, key_bits)
+    vals, ids = _run(q_THQ, keys, k, 64)
     want_vals, want_ids = fused_retrieval_reference(q_THQ, keys, k)
     torch.testing.assert_close(vals, want_vals, rtol=1e-5, atol=1e-5)
     # Each returned id really scores its returned value (recomputed the unfused way).
