@@ -118,7 +118,7 @@ def sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T):
     tile, warps = (int(v) for v in best.replace("tile", "").replace("w", "").split("/"))
     tpk.TILE_ELEMENTS, tpk._num_warps = tile, (lambda bd, w=warps: w)
     rows.append(Row(size, "picked fwd/pass A config", best, float("nan")))
-    _, pre, _, _ = tpk.peer_forward(x, idx, s, u, v, None, "gelu")
+    _, pre, _ = tpk.peer_forward(x, idx, s, u, v, None, "gelu")
     ms = bench(lambda: tpk.peer_backward_tokens(dout, x, idx, s, u, v, None, pre, None, "gelu"))
     rows.append(Row(size, "piece: bwd pass A (token-major)", "triton", ms, fwd_bytes(D, H, K, T) / ms / 1e9))
     keys = idx.view(-1).to(torch.int32)
@@ -258,7 +258,7 @@ def launch_overhead(rows, size, calls=300):
     block_e, block_d = tpk._blocks(D, H * K)
     pieces = {
         "triton launch (forward kernel)": lambda: tpk._peer_fwd_kernel[(8,)](
-            x, idx, s, u, v, u, out, pre, pre, pre, 0, D, H * K, H * K, M=1, ACT=0, GLU=False, COUNT=False,
+            x, idx, s, u, v, u, out, pre, pre, D, H * K, H * K, M=1, ACT=0, GLU=False,
             BLOCK_E=block_e, BLOCK_D=block_d, num_warps=4,
         ),  # fmt: skip
         "peer_forward launcher": lambda: tpk.peer_forward(x, idx, s, u, v, None, "gelu"),

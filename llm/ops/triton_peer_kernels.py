@@ -29,8 +29,8 @@ With no atomics every sum has a fixed order; ``deterministic=True`` also asks to
 the order within a row (and the bits of its gradient) does not depend on the sort implementation.
 No host sync: segments are found on the device and the dense-gradient pass B's grid is the upper bound
 T*E (programs past the real count R exit). Sparse gradients need R on the host to size their buffers:
-the forward kernel counts the touched rows (a mark per expert, atomically exchanged) and the forward starts
-an asynchronous copy of R to the host (``RowCount``), which has long finished when the backward reads it, so the host
+the forward counts the touched rows with a bitmap and starts an asynchronous copy of R to the host
+(``touched_row_count``, ``RowCount``), which has long finished when the backward reads it, so the host
 never waits for the GPU (torch's sync debug mode reports no synchronizing call). The sort stays on the
 main stream: on a side stream beside pass A it saved 0.03 ms of GPU time and cost more host time than
 that (benchmarks/RESULTS.md).
@@ -91,7 +91,7 @@ def _act_grad(z, ACT: tl.constexpr):
 
 @triton.jit
 def _entry_tile(idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Sub-entries e0 .. e0 + BLOCK_E of token t: (offs_e, mask_e, expert, score, tile_off, tile_mask).
+    """Sub-entries e0 .. e0 + BLOCK_E of token t: (offs_e, mask_e, score, tile_off, tile_mask).
 
     Sub-entry e is neuron e % M of slot e // M; tile_off (BLOCK_E, BLOCK_D) addresses its table row of
     the (N*M, D) view. Shared by the forward and the token-major backward (inlined by Triton).
@@ -104,7 +104,7 @@ def _entry_tile(idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M: tl.const
     score = tl.load(score_ptr + t * HK + slot, mask=mask_e, other=0.0).to(tl.float32)
     tile_off = row[:, None] * D + offs_d[None, :]  # (BLOCK_E, BLOCK_D)
     tile_mask = mask_e[:, None] & mask_d[None, :]
-    return offs_e, mask_e, expert, score, tile_off, tile_mask
+    return offs_e, mask_e, score, tile_off, tile_mask
 
 
 @triton.jit
@@ -118,15 +118,12 @@ def _peer_fwd_kernel(
     out_ptr,  # (T, D)
     pre_ptr,  # (T, E) fp32, saved for backward
     gpre_ptr,  # (T, E) fp32, saved for backward (GLU only)
-    mark_ptr,  # (N + 1,) int32 zeros: a mark per expert, then the count of distinct experts (COUNT only)
-    N,
     D,
     HK,
     E,
     M: tl.constexpr,
     ACT: tl.constexpr,
     GLU: tl.constexpr,
-    COUNT: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -135,9 +132,8 @@ def _peer_fwd_kernel(
     mask_d = offs_d < D
     x = tl.load(x_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    fresh = 0  # experts this program marked first (COUNT)
     for e0 in range(0, E, BLOCK_E):
-        offs_e, mask_e, expert, score, tile_off, tile_mask = _entry_tile(
+        offs_e, mask_e, score, tile_off, tile_mask = _entry_tile(
             idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M, BLOCK_E
         )
         u = tl.load(u_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
@@ -152,12 +148,7 @@ def _peer_fwd_kernel(
         coef = tl.where(mask_e, score * hidden, 0.0)
         vt = tl.load(v_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
         acc += tl.sum(coef[:, None] * vt, axis=0)
-        if COUNT:  # exactly one exchange per distinct expert sees the 0 it replaces
-            old = tl.atomic_xchg(mark_ptr + expert, 1, mask=mask_e)
-            fresh += tl.sum(tl.where(mask_e & (old == 0), 1, 0))
     tl.store(out_ptr + t * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
-    if COUNT:
-        tl.atomic_add(mark_ptr + N, fresh)
 
 
 @triton.jit
@@ -191,7 +182,7 @@ def _peer_bwd_token_kernel(
     dout = tl.load(dout_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)  # (BLOCK_D,)
     dx = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for e0 in range(0, E, BLOCK_E):
-        offs_e, mask_e, expert, score, tile_off, tile_mask = _entry_tile(
+        offs_e, mask_e, score, tile_off, tile_mask = _entry_tile(
             idx_ptr, score_ptr, t, e0, HK, E, D, offs_d, mask_d, M, BLOCK_E
         )
         pre = tl.load(pre_ptr + t * E + offs_e, mask=mask_e, other=0.0)
@@ -302,13 +293,11 @@ def _num_warps(block_d: int) -> int:
     return 4 if block_d <= 1024 else 8
 
 
-def peer_forward(x, indices, scores, u, v, g, activation, count_rows=False):
+def peer_forward(x, indices, scores, u, v, g, activation):
     """Launch the fused forward.
 
     x (T, D); indices, scores (T, H, K); u, v, g (N, M, D).
-    Returns out (T, D) in x's dtype, pre (T, H*K*M) fp32, gpre (same, GLU) or None, and with
-    ``count_rows`` R, the number of distinct table rows touched, as a (1,) int32 device tensor counted
-    by the kernel itself (a mark per expert, atomically exchanged), else None.
+    Returns out (T, D) in x's dtype, pre (T, H*K*M) fp32 and gpre (same, GLU) or None.
     """
     T, D = x.shape
     N, M, _ = u.shape
@@ -317,16 +306,14 @@ def peer_forward(x, indices, scores, u, v, g, activation, count_rows=False):
     out = torch.empty_like(x)
     pre = torch.empty((T, E), device=x.device, dtype=torch.float32)
     gpre = torch.empty_like(pre) if g is not None else pre
-    marks = torch.zeros(N + 1 if count_rows else 1, device=x.device, dtype=torch.int32)
     block_e, block_d = _blocks(D, E)
     if T > 0:
         _peer_fwd_kernel[(T,)](
-            x, indices, scores, u, v, g if g is not None else u, out, pre, gpre, marks, N,
-            D, HK, E, M=M, ACT=ACTIVATIONS[activation], GLU=g is not None, COUNT=count_rows,
+            x, indices, scores, u, v, g if g is not None else u, out, pre, gpre,
+            D, HK, E, M=M, ACT=ACTIVATIONS[activation], GLU=g is not None,
             BLOCK_E=block_e, BLOCK_D=block_d, num_warps=_num_warps(block_d),
         )  # fmt: skip
-    count = (marks[N:] if M == 1 else marks[N:] * M) if count_rows else None
-    return out, pre, (gpre if g is not None else None), count
+    return out, pre, (gpre if g is not None else None)
 
 
 def peer_backward_tokens(dout, x, indices, scores, u, v, g, pre, gpre, activation):
@@ -383,14 +370,14 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
 class RowCount:
     """R read back to the host without stalling the GPU: an async copy started when R is computed.
 
-    The forward starts it right after its kernel counted R, so by the time the backward reads it the copy
-    has long finished and ``get`` returns at once: the host keeps queueing work ahead of the GPU.
+    The forward starts it (``touched_row_count``), so by the time the backward reads it the copy has
+    long finished and ``get`` returns at once: the host keeps queueing work ahead of the GPU.
     """
 
     def __init__(self, count: torch.Tensor) -> None:
         self.event = None
         if count.is_cuda:
-            self.host = torch.empty(1, dtype=count.dtype, pin_memory=True)
+            self.host = torch.empty(1, dtype=torch.int64, pin_memory=True)
             self.host.copy_(count, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
@@ -406,9 +393,9 @@ class RowCount:
 def touched_row_count(indices: torch.Tensor, num_experts: int, M: int) -> torch.Tensor:
     """R, the number of distinct table rows that indices (T, H, K) touch, as a (1,) int64 device tensor.
 
-    A bitmap over the N experts (3 small kernels, no sort, no host sync): the reference for the count the
-    forward kernel keeps itself (``peer_forward(count_rows=True)``), which the forward sends to the host
-    (``RowCount``) so the backward knows R long before it needs it to size the sparse gradients.
+    A bitmap over the N experts (3 small kernels, no sort, no host sync). The forward computes it and
+    starts its copy to the host (``RowCount``), so the backward knows R long before it needs it to size
+    the sparse gradients, and never waits for the GPU.
     """
     mark = torch.zeros(num_experts, dtype=torch.bool, device=indices.device)
     mark.index_fill_(0, indices.reshape(-1), True)  # duplicates write the same value: order is free
@@ -468,10 +455,10 @@ class PEERExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, indices, scores, u, v, g, activation, deterministic, sparse_grad):
-        # sparse grads are sized by R: the forward kernel counts it and its copy to the host starts now
-        count_rows = sparse_grad and any(ctx.needs_input_grad[3:6])
-        out, pre, gpre, count = peer_forward(x, indices, scores, u, v, g, activation, count_rows)
-        ctx.row_count = RowCount(count) if count_rows else None
+        ctx.row_count = None
+        if sparse_grad and any(ctx.needs_input_grad[3:6]):  # sparse grads are sized by R: learn it now
+            ctx.row_count = RowCount(touched_row_count(indices, u.shape[0], u.shape[1]))
+        out, pre, gpre = peer_forward(x, indices, scores, u, v, g, activation)
         ctx.save_for_backward(x, indices, scores, u, v, g, pre, gpre)
         ctx.activation = activation
         ctx.deterministic = deterministic

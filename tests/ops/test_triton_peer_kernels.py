@@ -116,9 +116,8 @@ def test_sparse_grads_equal_dense_grads_and_hold_only_touched_experts():
 
 @pytest.mark.parametrize("M", [1, 3])
 def test_forward_row_count_equals_the_sorts_count(M):
-    """Sparse gradients are sized by the forward kernel's count of touched rows: it must equal the bitmap
-    reference and the number of segments the backward's sort finds, for a few shared rows and for
-    all-distinct rows."""
+    """Sparse gradients are sized by the forward's bitmap count of touched rows: it must equal the
+    number of segments the backward's sort finds, for a few shared rows and for all-distinct rows."""
     gen = torch.Generator().manual_seed(0)
     N = 40
     few = torch.randint(0, 3, (6, 2, 2), generator=gen)
@@ -128,11 +127,7 @@ def test_forward_row_count_equals_the_sorts_count(M):
         counted = tpk.touched_row_count(indices, N, M)
         _, _, seg_start = tpk.sort_rows(indices, M, N, deterministic=True)
         segments = int((seg_start < indices.numel() * M).sum())
-        T, H, K = indices.shape
-        x, scores = torch.randn(T, 8, device=DEVICE), torch.rand(T, H, K, device=DEVICE)
-        u = torch.randn(N, M, 8, device=DEVICE)
-        *_, in_kernel = tpk.peer_forward(x, indices, scores, u, u, None, "gelu", count_rows=True)
-        assert counted.tolist() == [segments] == in_kernel.tolist() == [torch.unique(indices).numel() * M]
+        assert counted.tolist() == [segments] == [torch.unique(indices).numel() * M]
 
 
 def test_backward_is_bitwise_reproducible_with_a_hot_expert():
