@@ -3,8 +3,13 @@
     python benchmarks/peer_layer.py --out results.jsonl                  # everything (~5 min on an H100)
     python benchmarks/peer_layer.py --only experts --sizes paper4k --sweep  # block-size sweep of the kernels
     python benchmarks/peer_layer.py --peer-pytorch .fetched               # add lucidrains/PEER-pytorch
+    python benchmarks/peer_layer.py --only layers --profile-out prof.txt  # per-kernel and host-op profiles
 
 Times are medians of CUDA-event timings (``triton.testing.do_bench``, which flushes L2 between runs).
+Whole layers are also measured three more ways, because a one-layer eager step can be bound by the
+host's op issue rather than the GPU: "GPU busy" (kernel times summed by torch.profiler), "host issue"
+(host time to issue one step) and "back to back" (GPU time per step of steps queued behind a GPU sleep);
+layer timings are taken in rounds, every variant once per round in a rotated order.
 "Effective" bandwidth counts the bytes a gather must move: every selected table row once per selection
 (repeats included) plus x and the output; it is compared with a device-to-device copy measured in the
 same run (bytes read + bytes written). Peak memory is the allocator's peak during forward+backward minus
@@ -421,6 +426,19 @@ def check_correctness(rows, size):
         rows.append(Row(size, f"check {name}", "triton vs fp32 reference", float("nan"), note=f"rel RMS {err:.2e}"))
 
 
+def code_digest() -> str:
+    """sha256 (12 hex digits) of the package's and this script's sources: names the code that ran even
+    where the checkout's git metadata is stale (a copied working tree); compare with a local run of
+    ``python -c "from benchmarks.peer_layer import code_digest; print(code_digest())"``."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.joinpath("llm").rglob("*.py"), Path(__file__).resolve()]):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="paper4k,paper16k,small")
@@ -434,6 +452,7 @@ def main(argv=None):
     rows: list[Row] = []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     header = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, commit=commit or "none",
+                  code=code_digest(),
                   triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"))  # fmt: skip
     print(json.dumps(header), flush=True)
     rows.append(Row("-", "device copy", "torch copy_", float("nan"), copy_bandwidth()))
