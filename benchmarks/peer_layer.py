@@ -141,7 +141,7 @@ def sweep_kernels(rows, size, tpk, inputs, D, N, H, K, T):
         for warps in (2, 4, 8):
             tpk.ROW_BLOCK_S, tpk.ROW_NUM_WARPS = block_s, warps
             ms = bench(
-                lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, srt_rows, seg, (u, v, None), True)
+                lambda: tpk.peer_backward_rows(dout, x, cu, cv, None, perm, srt_rows, seg, (u, v, None), R)
             )
             rows.append(Row(size, "sweep bwd pass B (sparse)", f"S{block_s}/w{warps}", ms))
     best = min((r for r in rows if r.what.startswith("sweep bwd") and r.size == size), key=lambda r: r.ms).impl

@@ -30,8 +30,9 @@ the order within a row (and the bits of its gradient) does not depend on the sor
 No host sync: segments are found on the device and the dense-gradient pass B's grid is the upper bound
 T*E (programs past the real count R exit). Sparse gradients need R on the host to size their buffers:
 the forward counts the touched rows with a bitmap and starts an asynchronous copy of R to the host
-(``touched_row_count``, ``RowCount``), which has long finished when the backward reads it, so the host
-never waits for the GPU (torch's sync debug mode reports no synchronizing call). The sort stays on the
+(``touched_row_count``, ``RowCount``). In a model, layer L's copy has long finished when layer L's
+backward reads it, so the host does not wait; in a one-layer loop it waits at most until the GPU has
+finished that layer's forward (an event wait, which torch's sync debug mode does not report). The sort stays on the
 main stream: on a side stream beside pass A it saved 0.03 ms of GPU time and cost more host time than
 that (benchmarks/RESULTS.md).
 """
@@ -370,8 +371,9 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
 class RowCount:
     """R read back to the host without stalling the GPU: an async copy started when R is computed.
 
-    The forward starts it (``touched_row_count``), so by the time the backward reads it the copy has
-    long finished and ``get`` returns at once: the host keeps queueing work ahead of the GPU.
+    The forward starts it (``touched_row_count``), so in a model the copy has long finished when the
+    backward reads it and ``get`` returns at once; at worst (one layer alone) the host waits until the GPU
+    has finished that forward, never for the backward's own work.
     """
 
     def __init__(self, count: torch.Tensor) -> None:
@@ -394,8 +396,8 @@ def touched_row_count(indices: torch.Tensor, num_experts: int, M: int) -> torch.
     """R, the number of distinct table rows that indices (T, H, K) touch, as a (1,) int64 device tensor.
 
     A bitmap over the N experts (3 small kernels, no sort, no host sync). The forward computes it and
-    starts its copy to the host (``RowCount``), so the backward knows R long before it needs it to size
-    the sparse gradients, and never waits for the GPU.
+    starts its copy to the host (``RowCount``), so the backward knows R, which sizes the sparse gradients,
+    without draining the GPU queue.
     """
     mark = torch.zeros(num_experts, dtype=torch.bool, device=indices.device)
     mark.index_fill_(0, indices.reshape(-1), True)  # duplicates write the same value: order is free
@@ -403,19 +405,22 @@ def touched_row_count(indices: torch.Tensor, num_experts: int, M: int) -> torch.
     return count if M == 1 else count * M
 
 
-def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables, sparse_grad):
+def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables, num_rows=None):
     """Pass B (row-major): each touched row's gradient reduced over its segment and written once.
 
     cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, sorted_rows, seg_start
-    from ``sort_rows`` (with ``num_rows=R`` for sparse gradients); tables: (u, v, g-or-None), each
-    (N, M, D). Returns (du, dv, dg): dense (N, M, D) tensors of zeros plus the written rows (no host
-    sync: the grid is the upper bound T*E), or sparse COO tensors of the R // M touched experts' (M, D)
-    rows.
+    from ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D); num_rows: None for dense gradients,
+    or R for sparse ones (``sort_rows`` must have been given the same R). Returns (du, dv, dg): dense
+    (N, M, D) tensors of zeros plus the written rows (no host sync: the grid is the upper bound T*E), or
+    sparse COO tensors of the R // M touched experts' (M, D) rows.
     """
     T, D = x.shape
     N, M, _ = tables[0].shape
     E = cu.shape[1]
     n = T * E
+    sparse_grad = num_rows is not None
+    if sparse_grad and seg_start.numel() != num_rows + 1:  # compact rows need exactly R segments
+        raise ValueError(f"peer_backward_rows: {seg_start.numel() - 1} segments for R={num_rows} touched rows")
     glu = tables[2] is not None
     coefs = [c.view(-1)[perm] if c is not None else None for c in (cu, cv, cg)]  # (T*E,) in sorted order
     grid = seg_start.numel() - 1  # R (sparse) or T*E (dense)
@@ -454,10 +459,10 @@ class PEERExpertsFunction(torch.autograd.Function):
     """Fused PEER experts; inputs already contiguous and checked by ``peer_experts_triton``."""
 
     @staticmethod
-    def forward(ctx, x, indices, scores, u, v, g, activation, deterministic, sparse_grad):
-        ctx.row_count = None
-        if sparse_grad and any(ctx.needs_input_grad[3:6]):  # sparse grads are sized by R: learn it now
-            ctx.row_count = RowCount(touched_row_count(indices, u.shape[0], u.shape[1]))
+    def forward(ctx, x, indices, scores, u, v, g, activation, deterministic, sparse_grad, count_rows):
+        # Sparse grads are sized by R: with ``count_rows`` (a backward will follow) it is counted now.
+        # The caller decides: grad mode is always off inside forward, and needs_input_grad ignores it.
+        ctx.row_count = RowCount(touched_row_count(indices, u.shape[0], u.shape[1])) if count_rows else None
         out, pre, gpre = peer_forward(x, indices, scores, u, v, g, activation)
         ctx.save_for_backward(x, indices, scores, u, v, g, pre, gpre)
         ctx.activation = activation
@@ -476,13 +481,14 @@ class PEERExpertsFunction(torch.autograd.Function):
         dscores = (dscore if M == 1 else dscore.view(T, H, K, M).sum(-1)).view(T, H, K).to(scores.dtype)
         du = dv = dg = None
         if need_tables:
-            # sparse gradients are sized by R, which the forward counted and sent to the host
-            num_rows = ctx.row_count.get() if ctx.sparse_grad else None
+            num_rows = None
+            if ctx.sparse_grad:  # sized by R, which the forward counted and sent to the host
+                # (counted here only if the forward did not expect a backward, e.g. a double backward)
+                row_count = ctx.row_count or RowCount(touched_row_count(indices, u.shape[0], M))
+                num_rows = row_count.get()
             perm, sorted_rows, seg_start = sort_rows(indices, M, u.shape[0], ctx.deterministic, num_rows)
-            du, dv, dg = peer_backward_rows(
-                dout, x, cu, cv, cg, perm, sorted_rows, seg_start, (u, v, g), ctx.sparse_grad
-            )
-        return dx, None, dscores, du, dv, dg, None, None, None
+            du, dv, dg = peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, (u, v, g), num_rows)
+        return dx, None, dscores, du, dv, dg, None, None, None, None
 
 
 def _fallback_reason(x, indices, u) -> str | None:
@@ -525,7 +531,9 @@ def peer_experts_triton(x, indices, scores, u, v, activation, g=None, determinis
         from llm.ops.peer_reference import peer_experts_reference
 
         return peer_experts_reference(x, indices, scores, u, v, activation, g=g)
+    tables = [t for t in (u, v, g) if t is not None]
+    count_rows = sparse_grad and torch.is_grad_enabled() and any(t.requires_grad for t in tables)
     return PEERExpertsFunction.apply(
         x.contiguous(), indices.contiguous(), scores.contiguous(), u.contiguous(), v.contiguous(),
-        g.contiguous() if g is not None else None, activation, deterministic, sparse_grad,
+        g.contiguous() if g is not None else None, activation, deterministic, sparse_grad, count_rows,
     )  # fmt: skip

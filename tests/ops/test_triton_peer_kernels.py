@@ -130,6 +130,59 @@ def test_forward_row_count_equals_the_sorts_count(M):
         assert counted.tolist() == [segments] == [torch.unique(indices).numel() * M]
 
 
+@pytest.mark.parametrize(
+    "T,which,deterministic",
+    [(5, "all", True), (5, "v only", False), (0, "all", False)],
+    ids=["deterministic", "only-v-needs-grad", "no-tokens"],
+)
+def test_sparse_grads_edge_cases_equal_dense_grads(T, which, deterministic):
+    """Sparse table gradients equal the dense ones with a stable sort, when only one table needs a
+    gradient (the others get none), and with no tokens at all (empty gradients of the right shape)."""
+    H, K, N, M, D = 2, 2, 9, 2, 20
+    x, indices, scores, tables, dout = make_inputs(max(T, 1), H, K, N, M, D, True, "repeats", torch.float32)
+    x, indices, scores, dout = x[:T], indices[:T], scores[:T], dout[:T]
+    grads = {}
+    for sparse in (False, True):
+        leaves = [t.detach().clone().requires_grad_(which == "all" or i == 1) for i, t in enumerate(tables)]
+        out = peer_experts_triton(
+            x, indices, scores, leaves[0], leaves[1], "gelu", g=leaves[2], deterministic=deterministic,
+            sparse_grad=sparse,
+        )  # fmt: skip
+        out.backward(dout)
+        grads[sparse] = [t.grad for t in leaves]
+    for dense, sparse in zip(grads[False], grads[True], strict=True):
+        assert (dense is None) == (sparse is None)
+        if dense is not None:
+            assert sparse.is_sparse and sparse.shape == dense.shape
+            assert torch.equal(sparse.to_dense(), dense)
+
+
+def test_row_count_is_taken_only_when_a_backward_will_need_it(monkeypatch):
+    """The forward counts touched rows (for sparse gradients) only with grad mode on and a table that
+    needs a gradient; the backward then reuses that count."""
+    calls = []
+    real = tpk.touched_row_count
+    monkeypatch.setattr(tpk, "touched_row_count", lambda *a: calls.append(1) or real(*a))
+    x, indices, scores, tables, dout = make_inputs(4, 2, 2, 7, 1, 16, False, "repeats", torch.float32)
+    params = [t.clone().requires_grad_() for t in tables]
+    with torch.no_grad():
+        peer_experts_triton(x, indices, scores, *params, "gelu", sparse_grad=True)
+    peer_experts_triton(x, indices, scores, *tables, "gelu", sparse_grad=True)  # tables need no grad
+    assert calls == []
+    peer_experts_triton(x, indices, scores, *params, "gelu", sparse_grad=True).backward(dout)
+    assert calls == [1] and params[0].grad.is_sparse
+
+
+def test_sparse_pass_b_refuses_segments_that_do_not_match_the_row_count():
+    x, indices, scores, tables, dout = make_inputs(3, 2, 2, 6, 1, 16, False, "repeats", torch.float32)
+    _, pre, _ = tpk.peer_forward(x, indices, scores, *tables, None, "gelu")
+    _, _, cu, cv, _ = tpk.peer_backward_tokens(dout, x, indices, scores, *tables, None, pre, None, "gelu")
+    perm, sorted_rows, seg_start = tpk.sort_rows(indices, 1, 6, deterministic=True)  # upper-bound segments
+    R = torch.unique(indices).numel()
+    with pytest.raises(ValueError, match=f"R={R}"):
+        tpk.peer_backward_rows(dout, x, cu, cv, None, perm, sorted_rows, seg_start, (*tables, None), R)
+
+
 def test_backward_is_bitwise_reproducible_with_a_hot_expert():
     x, indices, scores, tables, dout = make_inputs(12, 2, 4, 8, 1, 36, False, "hot", torch.float32)
     _, first = run(peer_experts_triton, x, indices, scores, tables, dout, "gelu", deterministic=True)
