@@ -220,6 +220,7 @@ def _routing_backward_kernels(rows, w_RK, q_RQ, sub_keys, needs_input_grad):
     dkeys = [None] * len(sub_keys)
     if any(need_keys):
         dtable = segment_rows_triton(idx_PRK, w_RK, q_RQ, sum(heights))
+        # the parts' gradients are views of this one (sum of heights, q) buffer
         dkeys = [
             d.view_as(keys) if need else None
             for d, keys, need in zip(dtable.split(heights), sub_keys, need_keys, strict=True)
