@@ -7,7 +7,8 @@
 
 Counts come from the config alone (no weights are allocated), so configs with millions of experts
 take about a second. With --checkpoint the trained model also runs over validation batches to
-measure how evenly its PEER layers use their experts.
+measure how evenly its PEER layers use their experts; the counts then describe the checkpoint's
+model (its config.yaml), and the report says so where that differs from --config.
 """
 
 from __future__ import annotations

@@ -69,6 +69,21 @@ def test_verify_and_expert_utilisation_from_a_checkpoint(tmp_path, capsys):
     assert block == "1" and 0 < float(used.rstrip("%")) <= 100 and float(kl) >= 0
 
 
+def test_counts_describe_the_checkpoints_model_when_config_differs(tmp_path, capsys):
+    """--config with another model (here 3 blocks and 4 retrieval heads) than the checkpoint's: the counts (and
+    their --verify) follow the checkpoint's model, whose utilisation is measured, and the report says so."""
+    _, model, saved = save_tiny_checkpoint(tmp_path / "run", 3)
+    argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--verify", "--checkpoint", str(saved), "--batches", "1"]
+    for override in [*TINY, "model_config.num_layers=3", "model_config.peer_config.num_heads=4"]:
+        argv += ["--set", override]
+    assert load_script().main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"counts are for the checkpoint's model ({saved / 'config.yaml'}), which differs from")
+    assert "model_config.num_layers" in out.splitlines()[0] and "num_heads" in out.splitlines()[0]
+    built = sum(p.numel() for p in model.parameters())
+    assert f"verified against the model built on the meta device: {built:,}" in out
+
+
 def test_evaluation_uses_the_checkpoints_tokenizer(tmp_path):
     """--config may name another tokenizer (e.g. a study's data config): the checkpoint's model reads
     its own tokenizer's ids, so the result is the same; --batches below 1 is refused."""

@@ -14,6 +14,8 @@ training mode).
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 from llm.config.defaults import Config, ModelConfig, peer_layer_indices
@@ -181,6 +183,21 @@ def expert_utilisation(config: Config, checkpoint: str | Path, num_batches: int 
     return "\n".join(lines)
 
 
+def _checkpoint_model_config(config: Config, checkpoint: str | Path) -> tuple[Config, str]:
+    """``config`` with the checkpoint's model_config where the two differ, and a line saying so."""
+    from llm.config import config_diff, load_config
+    from llm.models.hf_export import find_checkpoint
+
+    saved_file = find_checkpoint(checkpoint) / "config.yaml"
+    saved = load_config(saved_file)
+    differing = [k for k in config_diff(saved, config) if k.startswith("model_config.")]
+    if not differing:
+        return config, ""
+    shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
+    note = f"counts are for the checkpoint's model ({saved_file}), which differs from --config in {shown}\n\n"
+    return dataclasses.replace(config, model_config=saved.model_config), note
+
+
 def analyze_model(
     config: Config,
     output: str | Path | None = None,
@@ -193,9 +210,12 @@ def analyze_model(
     ``verify`` also builds the model on the meta device and checks the total against it (this
     imports torch and the model, a few seconds; the counts alone need neither).
     """
+    note = ""
+    if checkpoint is not None:  # the counts describe the model whose utilisation is measured
+        config, note = _checkpoint_model_config(config, checkpoint)
     model_config = config.model_config
     report = count_parameters(model_config)
-    text = format_report(model_config, config.dataset_config.seq_len, report)
+    text = note + format_report(model_config, config.dataset_config.seq_len, report)
     if verify:
         built = meta_parameter_count(model_config)
         if built != report.total:
