@@ -15,7 +15,6 @@ training mode).
 from __future__ import annotations
 
 import dataclasses
-
 from pathlib import Path
 
 from llm.config.defaults import Config, ModelConfig, peer_layer_indices
