@@ -254,6 +254,16 @@ def _check_hub_reachable(src: DataSourceConfig) -> None:
         )
 
 
+def check_sources_reachable(cfg: DatasetConfig) -> None:
+    """Fail in well under a second, before any run starts, on a source that cannot be had: a hub dataset
+    streamed while the hub is off, or a local path that matches no data file (nothing is read)."""
+    for src in resolve_sources(cfg):
+        if src.type == "hub":
+            _check_hub_reachable(src)
+        elif src.type == "local":
+            local_files(src, "train")
+
+
 def _load_hub(src: DataSourceConfig, split_name: str):
     _check_hub_reachable(src)
     import datasets

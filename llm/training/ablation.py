@@ -259,6 +259,23 @@ def with_overrides(config: Config, overrides: dict[str, Any], validate: bool = T
     return result
 
 
+def check_data_reachable(configs: dict[str, Config]) -> None:
+    """Every run's data sources can be had (hub reachable, local paths match files): one error naming the
+    run before the study starts, instead of the same failure in every run that uses the source."""
+    from llm.data.sources import check_sources_reachable
+
+    checked: set[str] = set()
+    for name, config in configs.items():
+        key = json.dumps(to_dict(config.dataset_config), sort_keys=True, default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        try:
+            check_sources_reachable(config.dataset_config)
+        except (ValueError, FileNotFoundError) as exc:
+            raise AblationError(f"run {name}: {exc}") from None
+
+
 def plan_study(
     base: Config,
     base_path: str,
@@ -559,6 +576,7 @@ def ablate(
         path = base_config or "configs/config.yaml"
         base = load_config(path, overrides)
         study, configs = plan_study(base, path, study_dir, axes, strategy, tokens, datasets_file)
+        check_data_reachable(configs)
     say(f"study {study_dir}: {len(study.runs)} runs ({study.strategy} over {', '.join(study.axes)})")
     for note in study.notes:
         say(f"  note: {note}")

@@ -180,7 +180,14 @@ def test_script_errors_are_one_line(tmp_path, capsys):
         (["--resume", "--axes", "num_heads", *out], "drop --axes"),
         ([*out, "--base-config", TINY, "--gpus", "0", "--axes", "num_heads"], "--gpus: got 0"),
         ([*out, "--custom-datasets", str(tmp_path / "missing.yaml"), "--base-config", TINY], "does not exist"),
-    ]
+        # data that no run could read fails the plan once (the tests run with HF_HUB_OFFLINE=1)
+        ([*out, "--base-config", TINY, "--axes", "num_heads", "--dry-run", "--set",
+          "dataset_config.sources=[{name: web, type: hub, path: some/dataset, streaming: true}]"],
+         "run baseline: source 'web': hub dataset 'some/dataset' cannot be streamed while HF_HUB_OFFLINE=1"),
+        ([*out, "--base-config", TINY, "--axes", "num_heads", "--set",
+          f"dataset_config.sources=[{{name: notes, type: local, path: {tmp_path}/none/*.jsonl}}]"],
+         "source 'notes': no file matches"),
+    ]  # fmt: skip
     for argv, expected in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
