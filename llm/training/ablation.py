@@ -422,14 +422,32 @@ def run_finished(run_dir: Path) -> bool:
     return read_metrics(run_dir)["val_step"] == total
 
 
+def _cuda_device_count() -> int:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count()
+
+
 def _devices(gpus: int) -> list[str]:
+    """The device ids the runs are spread over: CUDA_VISIBLE_DEVICES's, else 0 .. gpus-1 of this machine.
+
+    A machine without CUDA runs ``gpus`` CPU trainings at a time; one with fewer CUDA devices than
+    ``gpus`` is refused (the extra runs would not see a device).
+    """
     if gpus < 1:
         raise AblationError(f"--gpus: got {gpus}; must be >= 1")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
-    if len(devices) < gpus:
-        raise AblationError(f"--gpus: got {gpus}; CUDA_VISIBLE_DEVICES={visible!r} lists only {len(devices)}")
-    return devices[:gpus]
+    if visible:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+        if len(devices) < gpus:
+            raise AblationError(f"--gpus: got {gpus}; CUDA_VISIBLE_DEVICES={visible!r} lists only {len(devices)}")
+        return devices[:gpus]
+    count = _cuda_device_count()
+    if 0 < count < gpus:
+        raise AblationError(f"--gpus: got {gpus}; this machine has {count} CUDA device(s)")
+    return [str(i) for i in range(gpus)]
 
 
 class Runner:
@@ -578,6 +596,8 @@ def ablate(
         study, configs = plan_study(base, path, study_dir, axes, strategy, tokens, datasets_file)
         check_data_reachable(configs)
     say(f"study {study_dir}: {len(study.runs)} runs ({study.strategy} over {', '.join(study.axes)})")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES") and _cuda_device_count() == 0:
+        say(f"  note: no CUDA device: runs train on the CPU, {len(devices)} at a time")
     for note in study.notes:
         say(f"  note: {note}")
     for run in study.runs:

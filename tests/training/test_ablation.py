@@ -199,6 +199,20 @@ def test_script_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_gpus_beyond_the_machines_cuda_devices_are_refused(monkeypatch):
+    from llm.training import ablation
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(ablation, "_cuda_device_count", lambda: 2)
+    with pytest.raises(AblationError, match="--gpus: got 4; this machine has 2 CUDA device"):
+        ablation._devices(4)
+    assert ablation._devices(2) == ["0", "1"]
+    monkeypatch.setattr(ablation, "_cuda_device_count", lambda: 0)  # CPU only: parallel CPU trainings
+    assert ablation._devices(3) == ["0", "1", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert ablation._devices(2) == ["5", "7"]
+
+
 def test_ranking_falls_back_to_train_loss_without_held_out_loss(tmp_path):
     for name, loss in (("a", 3.0), ("b", 2.0)):
         (tmp_path / name).mkdir()
