@@ -245,23 +245,38 @@ def hub_offline() -> bool:
     return any(os.environ.get(v, "0").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def _check_hub_reachable(src: DataSourceConfig) -> None:
-    # Checked before importing `datasets`, so the failure is immediate (< 2 s), not a retry loop.
-    if src.streaming and hub_offline():
-        raise ValueError(
+def source_problem(src: DataSourceConfig, check_hub: bool = True) -> str | None:
+    """Why ``src`` cannot be had on this machine, found without reading it: a hub dataset streamed while
+    the hub is off (``check_hub``), or a local train/validation pattern that matches no file. None when
+    it looks usable."""
+    if check_hub and src.type == "hub" and src.streaming and hub_offline():
+        return (
             f"source {src.name!r}: hub dataset {src.path!r} cannot be streamed while HF_HUB_OFFLINE=1 "
             "(or HF_DATASETS_OFFLINE=1); unset it, or use a local source / pretokenized_dir"
         )
+    if src.type == "local":
+        for pattern in (src.path, src.validation_split):
+            if pattern and not glob.glob(os.path.expanduser(pattern), recursive=True):
+                return f"source {src.name!r}: no file matches {pattern!r}"
+    return None
 
 
 def check_sources_reachable(cfg: DatasetConfig) -> None:
-    """Fail in well under a second, before any run starts, on a source that cannot be had: a hub dataset
-    streamed while the hub is off, or a local path that matches no data file (nothing is read)."""
+    """Fail in well under a second, before any run starts, on a source that cannot be had
+    (``source_problem``); a config that trains from ``pretokenized_dir`` reads no source."""
+    if cfg.pretokenized_dir:
+        return
     for src in resolve_sources(cfg):
-        if src.type == "hub":
-            _check_hub_reachable(src)
-        elif src.type == "local":
-            local_files(src, "train")
+        problem = source_problem(src)
+        if problem:
+            raise ValueError(problem)
+
+
+def _check_hub_reachable(src: DataSourceConfig) -> None:
+    # Checked before importing `datasets`, so the failure is immediate (< 2 s), not a retry loop.
+    problem = source_problem(src)
+    if problem:
+        raise ValueError(problem)
 
 
 def _load_hub(src: DataSourceConfig, split_name: str):

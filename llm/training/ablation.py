@@ -208,20 +208,17 @@ def builtin_axes(base: Config, datasets_file: str | None = None) -> tuple[dict[s
 
 
 def data_problem(datasets_file: str, mix: str) -> str | None:
-    """Why mix ``mix`` of ``datasets_file`` cannot train here (unparsable, local files missing), or None."""
-    from llm.data.sources import load_mix  # the data package is heavy; only planning needs it
+    """Why mix ``mix`` of ``datasets_file`` cannot train here (unparsable, local files missing), or None.
+
+    The hub's reachability is not a property of the plan (an offline machine may plan a study that a
+    connected one runs); ``check_data_reachable`` checks it before training."""
+    from llm.data.sources import load_mix, source_problem  # the data package is heavy; only planning needs it
 
     try:
         sources = load_mix(datasets_file, mix)
     except ConfigError as exc:
         return str(exc)
-    import glob
-
-    for src in sources:
-        for pattern in (src.path, src.validation_split) if src.type == "local" else ():
-            if pattern and not glob.glob(pattern, recursive=True):
-                return f"source {src.name!r}: {pattern!r} matches no file"
-    return None
+    return next((p for p in (source_problem(s, check_hub=False) for s in sources) if p), None)
 
 
 def study_axes(
@@ -259,9 +256,9 @@ def with_overrides(config: Config, overrides: dict[str, Any], validate: bool = T
     return result
 
 
-def check_data_reachable(configs: dict[str, Config]) -> None:
-    """Every run's data sources can be had (hub reachable, local paths match files): one error naming the
-    run before the study starts, instead of the same failure in every run that uses the source."""
+def data_unreachable(configs: dict[str, Config]) -> str | None:
+    """The first run whose data cannot be had here (hub streamed while offline, local paths matching no
+    file), as ``"run NAME: why"``, or None; each distinct dataset config is checked once."""
     from llm.data.sources import check_sources_reachable
 
     checked: set[str] = set()
@@ -273,7 +270,8 @@ def check_data_reachable(configs: dict[str, Config]) -> None:
         try:
             check_sources_reachable(config.dataset_config)
         except (ValueError, FileNotFoundError) as exc:
-            raise AblationError(f"run {name}: {exc}") from None
+            return f"run {name}: {exc}"
+    return None
 
 
 def plan_study(
@@ -433,12 +431,15 @@ def _cuda_device_count() -> int:
 def _devices(gpus: int) -> list[str]:
     """The device ids the runs are spread over: CUDA_VISIBLE_DEVICES's, else 0 .. gpus-1 of this machine.
 
-    A machine without CUDA runs ``gpus`` CPU trainings at a time; one with fewer CUDA devices than
-    ``gpus`` is refused (the extra runs would not see a device).
+    Without a CUDA device (none on the machine, or CUDA_VISIBLE_DEVICES set but empty, which each run
+    inherits) ``gpus`` CPU trainings run at a time; a machine with fewer CUDA devices than ``gpus`` is
+    refused (the extra runs would not see a device).
     """
     if gpus < 1:
         raise AblationError(f"--gpus: got {gpus}; must be >= 1")
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and not visible.strip():  # GPUs hidden: each run gets CUDA_VISIBLE_DEVICES=""
+        return [""] * gpus
     if visible:
         devices = [d.strip() for d in visible.split(",") if d.strip()]
         if len(devices) < gpus:
@@ -447,7 +448,15 @@ def _devices(gpus: int) -> list[str]:
     count = _cuda_device_count()
     if 0 < count < gpus:
         raise AblationError(f"--gpus: got {gpus}; this machine has {count} CUDA device(s)")
-    return [str(i) for i in range(gpus)]
+    return [str(i) for i in range(gpus)]  # with no CUDA device at all these are CPU slots
+
+
+def _cpu_only() -> bool:
+    """No CUDA device for the runs: CUDA_VISIBLE_DEVICES set but empty, or none on this machine."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return not visible.strip()
+    return _cuda_device_count() == 0
 
 
 class Runner:
@@ -516,7 +525,7 @@ class Runner:
             run.status, run.attempts = "running", run.attempts + 1
             save_study(self.study, self.dir)
         self.say(
-            f"start {run.name} (attempt {run.attempts}, device {device}){' from checkpoint' * ('--resume' in cmd)}"
+            f"start {run.name} (attempt {run.attempts}, device {device or 'cpu'}){' from checkpoint' * ('--resume' in cmd)}"
         )
         log_path = run_dir / "train.log"
         with open(log_path, "a", encoding="utf-8") as log:
@@ -586,18 +595,25 @@ def ablate(
         if extra:
             raise AblationError(f"--resume reloads the plan from {study_dir / MANIFEST}; drop {', '.join(extra)}")
         study = load_study(study_dir)
-        for run in study.runs:  # every run's resolved config was saved when the study was planned
-            load_config(study_dir / run.name / "config.yaml")
+        # every run's resolved config was saved when the study was planned; the data of the runs still to
+        # train may have gone since
+        configs = {run.name: load_config(study_dir / run.name / "config.yaml") for run in study.runs}
+        configs = {n: c for n, c in configs.items() if not run_finished(study_dir / n)}
     else:
         if (study_dir / MANIFEST).is_file():
             raise AblationError(f"--output-dir: {str(study_dir)!r} already holds a study; add --resume or pick another")
         path = base_config or "configs/config.yaml"
         base = load_config(path, overrides)
         study, configs = plan_study(base, path, study_dir, axes, strategy, tokens, datasets_file)
-        check_data_reachable(configs)
+    # one error before anything is written or trained, not the same failure in every run using the data
+    unreachable = data_unreachable(configs)
+    if unreachable and not dry_run:
+        raise AblationError(unreachable)
     say(f"study {study_dir}: {len(study.runs)} runs ({study.strategy} over {', '.join(study.axes)})")
-    if not os.environ.get("CUDA_VISIBLE_DEVICES") and _cuda_device_count() == 0:
+    if _cpu_only():
         say(f"  note: no CUDA device: runs train on the CPU, {len(devices)} at a time")
+    if unreachable:  # dry run: a plan may be made where its data cannot be read; say what would fail
+        say(f"  note: training here would stop before the first run: {unreachable}")
     for note in study.notes:
         say(f"  note: {note}")
     for run in study.runs:

@@ -10,6 +10,7 @@ from llm.config.defaults import DatasetConfig, DataSourceConfig
 from llm.config.errors import ConfigError
 from llm.data.sources import (
     check_first_record,
+    check_sources_reachable,
     format_record,
     iter_file_records,
     iter_source_texts,
@@ -90,3 +91,21 @@ def test_template_that_does_not_fit_a_record(tmp_path):
     assert format_record({"title": "t", "n": [1]}, "text", src.template, 0, 0) == "t 1"
     with pytest.raises(ValueError, match="template '{title} {n\\[0\\]}' does not fit the records"):
         check_first_record(src, {"title": "t", "n": 5}, "source 's'")
+
+
+def test_reachability_check_names_the_source_and_skips_pretokenized_data(tmp_path, monkeypatch):
+    """Checked without reading anything: a hub dataset streamed while the hub is off, a local train or
+    validation pattern matching no file; a config that trains from pretokenized_dir reads no source."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    ok = DataSourceConfig(name="ok", type="local", path=str(tmp_path / "*.jsonl"))
+    hub = DataSourceConfig(name="web", type="hub", path="some/dataset", streaming=True)
+    no_val = DataSourceConfig(name="nv", type="local", path=ok.path, validation_split=str(tmp_path / "v/*.jsonl"))
+    check_sources_reachable(DatasetConfig(sources=[ok]))
+    for src, message in ((hub, "source 'web': hub dataset 'some/dataset' cannot be streamed"),
+                         (no_val, "source 'nv': no file matches")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            check_sources_reachable(DatasetConfig(sources=[ok, src]))
+    check_sources_reachable(DatasetConfig(sources=[hub], pretokenized_dir=str(tmp_path)))
+    cached = DataSourceConfig(name="c", type="hub", path="some/dataset", streaming=False)  # may be cached
+    check_sources_reachable(DatasetConfig(sources=[cached]))

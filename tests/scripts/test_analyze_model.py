@@ -59,11 +59,12 @@ def test_help_documents_every_flag(capsys):
 def test_verify_and_expert_utilisation_from_a_checkpoint(tmp_path, capsys):
     _, _, saved = save_tiny_checkpoint(tmp_path / "run", 3)
     argv = ["--config", str(ROOT / "configs/tiny.yaml"), "--verify", "--checkpoint", str(saved), "--batches", "2"]
-    for override in TINY:
+    for override in [*TINY, "model_config.peer_config.kernel=torch"]:  # differs, but not in any count
         argv += ["--set", override]
     assert load_script().main(argv) == 0
     out = capsys.readouterr().out
     assert "verified against the model built on the meta device" in out
+    assert "counts are for the checkpoint's model" not in out  # --config describes the same model
     assert "expert utilisation over 256 validation tokens (2 batches of 4)" in out  # seq_len 32
     block, used, kl, *_ = out.splitlines()[-1].split()  # one PEER block: first_k_dense=1 of 2 blocks
     assert block == "1" and 0 < float(used.rstrip("%")) <= 100 and float(kl) >= 0

@@ -181,7 +181,7 @@ def test_script_errors_are_one_line(tmp_path, capsys):
         ([*out, "--base-config", TINY, "--gpus", "0", "--axes", "num_heads"], "--gpus: got 0"),
         ([*out, "--custom-datasets", str(tmp_path / "missing.yaml"), "--base-config", TINY], "does not exist"),
         # data that no run could read fails the plan once (the tests run with HF_HUB_OFFLINE=1)
-        ([*out, "--base-config", TINY, "--axes", "num_heads", "--dry-run", "--set",
+        ([*out, "--base-config", TINY, "--axes", "num_heads", "--set",
           "dataset_config.sources=[{name: web, type: hub, path: some/dataset, streaming: true}]"],
          "run baseline: source 'web': hub dataset 'some/dataset' cannot be streamed while HF_HUB_OFFLINE=1"),
         ([*out, "--base-config", TINY, "--axes", "num_heads", "--set",
@@ -199,6 +199,17 @@ def test_script_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_plans_a_study_whose_data_is_unreachable_here_and_says_so(tmp_path, capsys):
+    """A plan can be made offline for a study that a connected machine runs: --dry-run prints it with a
+    note naming what would stop training here (a real run fails before writing anything)."""
+    hub = "dataset_config.sources=[{name: web, type: hub, path: some/dataset, streaming: true}]"
+    argv = ["--output-dir", str(tmp_path / "s"), "--base-config", TINY, "--axes", "num_heads", "--dry-run"]
+    assert _script_main()([*argv, "--set", hub]) == 0
+    out = capsys.readouterr().out
+    assert "note: training here would stop before the first run: run baseline: source 'web'" in out
+    assert not (tmp_path / "s").exists()
+
+
 def test_gpus_beyond_the_machines_cuda_devices_are_refused(monkeypatch):
     from llm.training import ablation
 
@@ -207,10 +218,15 @@ def test_gpus_beyond_the_machines_cuda_devices_are_refused(monkeypatch):
     with pytest.raises(AblationError, match="--gpus: got 4; this machine has 2 CUDA device"):
         ablation._devices(4)
     assert ablation._devices(2) == ["0", "1"]
-    monkeypatch.setattr(ablation, "_cuda_device_count", lambda: 0)  # CPU only: parallel CPU trainings
-    assert ablation._devices(3) == ["0", "1", "2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     assert ablation._devices(2) == ["5", "7"]
+    # no GPU for the runs: an empty CUDA_VISIBLE_DEVICES is passed on (they see none, even on a machine
+    # that has some); on a machine without CUDA the ids are CPU slots
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert ablation._devices(3) == ["", "", ""]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(ablation, "_cuda_device_count", lambda: 0)
+    assert ablation._devices(3) == ["0", "1", "2"] and ablation._cpu_only()
 
 
 def test_ranking_falls_back_to_train_loss_without_held_out_loss(tmp_path):

@@ -192,9 +192,13 @@ def _checkpoint_model_config(config: Config, checkpoint: str | Path) -> tuple[Co
     differing = [k for k in config_diff(saved, config) if k.startswith("model_config.")]
     if not differing:
         return config, ""
+    theirs, ours = count_parameters(saved.model_config), count_parameters(config.model_config)
+    config = dataclasses.replace(config, model_config=saved.model_config)
+    if (theirs.total, theirs.active) == (ours.total, ours.active):  # e.g. only the kernel choice differs
+        return config, ""
     shown = ", ".join(differing[:6]) + (f" and {len(differing) - 6} more" if len(differing) > 6 else "")
     note = f"counts are for the checkpoint's model ({saved_file}), which differs from --config in {shown}\n\n"
-    return dataclasses.replace(config, model_config=saved.model_config), note
+    return config, note
 
 
 def analyze_model(
