@@ -364,6 +364,8 @@ def sort_rows(indices: torch.Tensor, M: int, num_experts: int, deterministic: bo
     torch.ne(sorted_rows[1:], sorted_rows[:-1], out=is_start[1:])
     # positions of the segment starts, padded with n: a fixed output size, so no host sync
     size = (n if num_rows is None else num_rows) + 1
+    if n == 0:  # (nonzero_static of an empty CUDA tensor crashed before torch 2.9)
+        return perm, sorted_rows, torch.zeros(size, device=dev, dtype=torch.int64)
     seg_start = torch.nonzero_static(is_start, size=size, fill_value=n).view(-1)
     return perm, sorted_rows, seg_start
 
