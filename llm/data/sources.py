@@ -267,20 +267,17 @@ def check_sources_reachable(cfg: DatasetConfig) -> None:
     if cfg.pretokenized_dir:
         return
     for src in resolve_sources(cfg):
-        problem = source_problem(src)
-        if problem:
-            raise ValueError(problem)
+        _require_usable(src)
 
 
-def _check_hub_reachable(src: DataSourceConfig) -> None:
-    # Checked before importing `datasets`, so the failure is immediate (< 2 s), not a retry loop.
+def _require_usable(src: DataSourceConfig) -> None:
     problem = source_problem(src)
     if problem:
         raise ValueError(problem)
 
 
 def _load_hub(src: DataSourceConfig, split_name: str):
-    _check_hub_reachable(src)
+    _require_usable(src)  # before importing `datasets`: an immediate error (< 2 s), not a retry loop
     import datasets
 
     try:

@@ -38,7 +38,7 @@ from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
 from llm.ops.triton_topk import kernel_applies, topk, topk_positions, topk_positions_reference
 
 # Two-part retrieval on CUDA runs as one fused kernel (scores, per-part top-k and merge; see
-# llm/ops/triton_retrieval.py): 0.98 vs 1.29 ms for the unfused kernels at the paper's size on an H100
+# llm/ops/triton_retrieval.py): 0.86 vs 1.29 ms for the unfused kernels at the paper's size on an H100
 # (benchmarks/RESULTS.md). Benchmarks turn it off to compare.
 FUSED_RETRIEVAL = True
 

@@ -32,9 +32,9 @@ T*E (programs past the real count R exit). Sparse gradients need R on the host t
 the forward counts the touched rows with a bitmap and starts an asynchronous copy of R to the host
 (``touched_row_count``, ``RowCount``). In a model, layer L's copy has long finished when layer L's
 backward reads it, so the host does not wait; in a one-layer loop it waits at most until the GPU has
-finished that layer's forward (an event wait, which torch's sync debug mode does not report). The sort stays on the
-main stream: on a side stream beside pass A it saved 0.03 ms of GPU time and cost more host time than
-that (benchmarks/RESULTS.md).
+finished that layer's forward (an event wait, which torch's sync debug mode does not report). The sort
+stays on the main stream: on a side stream beside pass A it saved 0.03 ms of GPU time and cost more host
+time than that (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -429,7 +429,8 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables
     shape = (grid, D) if sparse_grad else (N * M, D)
     alloc = torch.empty if sparse_grad else torch.zeros  # dense: zeros plus one write per touched row
     grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
-    experts = torch.empty(grid // M if sparse_grad else 1, device=x.device, dtype=torch.int64)
+    # the sparse gradient's expert ids, written by the kernel (dense: a dummy the kernel never touches)
+    experts = torch.empty(grid // M, device=x.device, dtype=torch.int64) if sparse_grad else perm
     block_d = triton.next_power_of_2(D)
     block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
     if grid > 0:

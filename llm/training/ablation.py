@@ -211,7 +211,7 @@ def data_problem(datasets_file: str, mix: str) -> str | None:
     """Why mix ``mix`` of ``datasets_file`` cannot train here (unparsable, local files missing), or None.
 
     The hub's reachability is not a property of the plan (an offline machine may plan a study that a
-    connected one runs); ``check_data_reachable`` checks it before training."""
+    connected one runs); ``data_unreachable`` checks it before training."""
     from llm.data.sources import load_mix, source_problem  # the data package is heavy; only planning needs it
 
     try:
