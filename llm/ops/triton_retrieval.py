@@ -7,7 +7,7 @@ takes BLOCK_T tokens of one head and, for each part, walks the n sub-keys in BLO
 scores come from a tensor-core dot and stay in registers, are packed with their position into int64 keys
 (``pack_score_id``: one integer order = score descending, then position ascending) and cut to the
 chunk's top-KP by a bitonic top-k (``tl.topk``); the running top-KP (kept ascending) absorbs it by one
-bitonic half-cleaner step (elementwise max against the descending chunk list) and a sort of KP. The two
+bitonic half-cleaner step (elementwise max against the descending chunk list) and a bitonic merge of KP. The two
 parts' lists then form a KP x KP grid of sums whose top-k is written out. Nothing of size n leaves the
 program.
 
@@ -15,7 +15,9 @@ Variants measured on an H100 and kept only in the project's history (benchmarks/
 (the KP-th largest chunk maximum) with KP extraction passes over the candidates above it, 1.37 vs 0.97 ms
 (commit 8231eff); 32-bit chunk keys (the score with its low log2(BLOCK_N) mantissa bits replaced by the
 position), 0.69 vs 0.86 ms but inexact (scores truncated to 17 mantissa bits, commit d79105c); the same
-with the winners' exact scores gathered back (``tl.gather``), 1.10 vs 0.88 ms in the layer's profile.
+with the winners' exact scores gathered back (``tl.gather``), 1.10 vs 0.88 ms in the layer's profile;
+runs of 16 sub-keys cut to their top 4 before the chunk's top-k (exact, checked per row with a re-run),
+1.31-1.45 vs 0.81 ms although it does half the compare-exchanges (not kept).
 
 Exactness: the result is the exact top-k of the scores this kernel computes (ties to the lower flat id,
 as everywhere in routing). Those scores come from ``tl.dot`` in ``tf32x3`` (three TF32 tensor-core
@@ -53,13 +55,17 @@ MAX_FUSED_K = 16
 # tile unmasked).
 FUSED_PART_WIDTHS = (16, 32, 64, 128)
 # Launch defaults: tokens per program, sub-keys per chunk, warps. The fastest of the H100 sweeps in
-# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16): 0.86 ms with the half-cleaner merge, against
+# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16): 0.86 ms with the half-cleaner and a sort, against
 # (128, 64, 8) 0.96 ms and (32, 64, 4) 2.79 ms.
 BLOCK_T = 64
 BLOCK_N = 64
 NUM_WARPS = 4
 # Score dots: three TF32 tensor-core products, ~fp32 accuracy (see the module docstring).
 PRECISION = "tf32x3"
+# tl.bitonic_merge sorts the running list's bitonic half-cleaner output in log2(KP) stages (4 at k = 16)
+# instead of a sort's 10: 0.864 -> 0.813 ms at the paper's size on an H100 (Triton 3.6). Releases
+# without it sort.
+HAS_BITONIC_MERGE = triton is not None and hasattr(tl, "bitonic_merge")
 
 
 def fused_retrieval_reference(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> tuple[Tensor, Tensor]:
@@ -83,6 +89,19 @@ def fused_retrieval_reference(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int)
 if triton is not None:
 
     @triton.jit
+    def _absorb(best, desc, HAS_MERGE: tl.constexpr):
+        """Top-KP of best (ascending) and desc (descending), ascending.
+
+        The two lists side by side form a bitonic sequence; its half-cleaner step (elementwise max) keeps
+        exactly the top-KP of the union (keys are unique within a row) as a bitonic list, which a bitonic
+        merge (log KP stages; a full sort where Triton lacks ``tl.bitonic_merge``) puts in order.
+        """
+        if HAS_MERGE:
+            return tl.bitonic_merge(tl.maximum(best, desc))
+        else:
+            return tl.sort(tl.maximum(best, desc))
+
+    @triton.jit
     def _part_topk(
         q_ptr,  # (T, H, 2q) fp32 contiguous, already offset to this head's part
         keys_ptr,  # (n, q) fp32 contiguous, already offset to this head's table
@@ -95,6 +114,7 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
+        HAS_MERGE: tl.constexpr,
     ):
         """(BLOCK_T, KP) packed keys of this part's top-KP sub-keys per token, in ascending order."""
         rows = t0 + tl.arange(0, BLOCK_T)
@@ -107,11 +127,7 @@ if triton is not None:
             keys_T = tl.load(keys_ptr + cols[None, :] * Q + dims[:, None], mask=col_ok[None, :], other=0.0)
             s = tl.dot(q, keys_T, input_precision=PRECISION)  # (BLOCK_T, BLOCK_N) fp32
             packed = tl.where(col_ok[None, :], pack_score_id(s, cols[None, :]), _EMPTY_KEY)
-            chunk = tl.topk(packed, KP)  # (BLOCK_T, KP), descending
-            # An ascending and a descending list side by side form a bitonic sequence, whose half-cleaner
-            # step (elementwise max) keeps exactly the top-KP of the union (keys are unique within a
-            # row); one sort of KP restores the ascending order. Cheaper than a top-k of the 2*KP join.
-            best = tl.sort(tl.maximum(best, chunk))
+            best = _absorb(best, tl.topk(packed, KP), HAS_MERGE)  # the chunk cut to its own top-KP first
         return best
 
     @triton.jit
@@ -134,12 +150,15 @@ if triton is not None:
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr,
+        HAS_MERGE: tl.constexpr,
     ):
         t0 = tl.program_id(0) * BLOCK_T
         h = tl.program_id(1).to(tl.int64)
         q_head = q_ptr + h * 2 * Q
-        a = _part_topk(q_head, keys0_ptr + h * head_stride0, t0, T, H, n0, Q, KP, BLOCK_T, BLOCK_N, PRECISION)
-        b = _part_topk(q_head + Q, keys1_ptr + h * head_stride1, t0, T, H, n1, Q, KP, BLOCK_T, BLOCK_N, PRECISION)
+        a = _part_topk(q_head, keys0_ptr + h * head_stride0, t0, T, H, n0, Q, KP, BLOCK_T, BLOCK_N, PRECISION,
+                       HAS_MERGE)  # fmt: skip
+        b = _part_topk(q_head + Q, keys1_ptr + h * head_stride1, t0, T, H, n1, Q, KP, BLOCK_T, BLOCK_N, PRECISION,
+                       HAS_MERGE)  # fmt: skip
         a_val, a_pos = unpack_score_id(a)
         b_val, b_pos = unpack_score_id(b)
         # (BLOCK_T, KP, KP) grid: sums formed as a + b in fp32, ids row-major over (part 0, part 1)
@@ -203,6 +222,7 @@ def fused_retrieval(
         q_THQ.detach().contiguous(), keys0, keys1, vals, ids, T, H, n0, n1,
         n0 * q if per_head else 0, n1 * q if per_head else 0,
         Q=q, K=k, KP=kp, KOUT=max(2, triton.next_power_of_2(k)), BLOCK_T=block_t, BLOCK_N=block_n,
-        PRECISION=PRECISION, num_warps=num_warps,
+        PRECISION=PRECISION, HAS_MERGE=HAS_BITONIC_MERGE,
+        num_warps=num_warps,
     )  # fmt: skip
     return vals, ids

@@ -56,6 +56,15 @@ def test_integer_scores_match_reference_exactly(T, H, q, n0, n1, k, per_head, bl
     assert torch.equal(vals, want[0])
 
 
+def test_sort_instead_of_bitonic_merge_gives_the_same_result(monkeypatch):
+    # Triton releases without tl.bitonic_merge order the running list with a full sort instead
+    q_THQ, keys = _inputs(21, 1, 16, 70, 40, per_head=True, integer=True, seed=4)
+    monkeypatch.setattr(triton_retrieval, "HAS_BITONIC_MERGE", False)
+    vals, ids = _run(q_THQ, keys, 16, 32)
+    want = fused_retrieval_reference(q_THQ, keys, 16)
+    assert torch.equal(ids, want[1]) and torch.equal(vals, want[0])
+
+
 def test_all_tied_scores_return_the_lowest_ids():
     q_THQ, keys = _inputs(20, 1, 16, 50, 40, per_head=False, integer=True, seed=1)
     vals, ids = _run(torch.zeros_like(q_THQ), keys, 8, 16)
