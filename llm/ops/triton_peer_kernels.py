@@ -58,7 +58,10 @@ TILE_ELEMENTS = 16384
 
 # Pass B: entries of a row's segment loaded per step, and warps per program (one program per row).
 # Swept at the paper's size (segments of 1.27 entries on average): S=1/4 warps 0.68 ms, S=2 0.82,
-# S=4 0.95-1.08, 8 warps up to 8 ms (H200, benchmarks/RESULTS.md).
+# S=4 0.95-1.08, 8 warps up to 8 ms (H200, benchmarks/RESULTS.md). On an H100 with uniform random
+# experts it takes 0.93 ms: per entry it reads a 2 KiB row of x and of dout (L2-resident) and per
+# touched row writes two 2 KiB gradient rows, ~3.8 GB through L2 in all. Programs taking 2-8 segments
+# at once (more bytes per dependent load) were slower, 0.97-2.5 ms (benchmarks/RESULTS.md).
 ROW_BLOCK_S = 1
 ROW_NUM_WARPS = 4
 
