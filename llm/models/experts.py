@@ -153,8 +153,8 @@ class PEER(nn.Module):
         ``scores`` are the raw retrieval scores (sums of sub-key scores, before softmax/sigmoid), sorted
         descending per head, ties to the lower id; ``indices`` are int64 flat expert ids in [0, N),
         row-major over ``product_key_dim``. Scores are differentiable w.r.t. the query path and sub-keys;
-        the backward touches only the selected sub-keys (``retrieve_topk``). On CUDA, two parts run as one
-        fused Triton kernel (``llm/ops/triton_retrieval.py``); other part counts run the per-part top-k
+        the backward touches only the selected sub-keys (``retrieve_topk``). On CUDA, two parts run as two
+        fused Triton kernels (``llm/ops/triton_retrieval.py``); other part counts run the per-part top-k
         and merge kernels (``product_topk``).
         """
         lead = x.shape[:-1]

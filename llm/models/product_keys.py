@@ -37,9 +37,9 @@ from llm.ops.triton_peer_routing import (
 from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
 from llm.ops.triton_topk import kernel_applies, topk, topk_positions, topk_positions_reference
 
-# Two-part retrieval on CUDA runs as one fused kernel (scores, per-part top-k and merge; see
-# llm/ops/triton_retrieval.py): 0.86 vs 1.29 ms for the unfused kernels at the paper's size on an H100
-# (benchmarks/RESULTS.md). Benchmarks turn it off to compare.
+# Two-part retrieval on CUDA runs as fused kernels (scores and per-part top-k in one, the merge over the
+# pairs that can reach the top k in a second; see llm/ops/triton_retrieval.py): 0.60 vs 1.29 ms for the
+# unfused kernels at the paper's size on an H100 (benchmarks/RESULTS.md). Benchmarks turn it off to compare.
 FUSED_RETRIEVAL = True
 
 
@@ -261,7 +261,7 @@ def retrieve_topk(
 
     Returns:
         scores (T, H, k), equal to ``product_topk(subkey_scores_from_queries(q_THQ, sub_keys), k)``'s
-        (on CUDA with two fp32 parts: the fused kernel's, whose score dots round differently; see
+        (on CUDA with two fp32 parts: the fused kernels', whose score dots round differently; see
         ``llm/ops/triton_retrieval.py``);
         ids (T, H, k) int64 flat ids (row-major over the parts), ties to the lower id. The backward
         touches only the selected sub-keys (see ``_ProductKeyRetrieval``).

@@ -1,30 +1,36 @@
-"""Fused product-key retrieval for two parts: sub-key scores, per-part top-k and the merge in one kernel.
+"""Fused product-key retrieval for two parts: sub-key scores and per-part top-k in one kernel, the merge
+in a second.
 
 The unfused path (``llm.models.product_keys.product_topk``) writes each part's dense (T, H, n) fp32
 scores from a GEMM (2 x 134 MB at the paper's size), reads them back in a top-k kernel that extracts the
 maximum k times from every n-wide row, then merges the two k-lists in a third kernel. Here one program
-takes BLOCK_T tokens of one head and, for each part, walks the n sub-keys in BLOCK_N chunks: a chunk's
-scores come from a tensor-core dot and stay in registers, are packed with their position into int64 keys
-(``pack_score_id``: one integer order = score descending, then position ascending) and cut to the
-chunk's top-KP by a bitonic top-k (``tl.topk``); the running top-KP (kept ascending) absorbs it by one
-bitonic half-cleaner step (elementwise max against the descending chunk list) and a bitonic merge of KP. The two
-parts' lists then form a KP x KP grid of sums whose top-k is written out. Nothing of size n leaves the
-program.
+takes BLOCK_T tokens of one head and one part and walks the part's n sub-keys in BLOCK_N chunks: a
+chunk's scores come from a tensor-core dot and stay in registers, are packed with their position into
+int64 keys (``pack_score_id``: one integer order = score descending, then position ascending) and cut to
+the chunk's top-KP by a bitonic top-k (``tl.topk``); the running top-KP (kept ascending) absorbs it by
+one bitonic half-cleaner step (elementwise max against the descending chunk list) and a bitonic merge
+of KP. Nothing of size n leaves the program: each part's KP keys go to a (T, H, 2, KP) buffer, and the
+merge kernel takes the top-k over the pairs (i, j) of the two lists' i-th and j-th best that can reach
+the top k, (i + 1) * (j + 1) <= k (50 pairs at k = 16, of the 256 in the full grid).
 
-Variants measured on an H100 and kept only in the project's history (benchmarks/RESULTS.md): a threshold
+Measured on an H100 at the paper's size (benchmarks/RESULTS.md): 0.495 + 0.104 ms, against 0.81-0.83 ms
+for one kernel doing both parts and a top-k of the whole 16 x 16 grid (0.33 ms of it the grid's top-k,
+seen when the parts ran as their own kernel). Variants kept only in the project's history: a threshold
 (the KP-th largest chunk maximum) with KP extraction passes over the candidates above it, 1.37 vs 0.97 ms
 (commit 8231eff); 32-bit chunk keys (the score with its low log2(BLOCK_N) mantissa bits replaced by the
 position), 0.69 vs 0.86 ms but inexact (scores truncated to 17 mantissa bits, commit d79105c); the same
 with the winners' exact scores gathered back (``tl.gather``), 1.10 vs 0.88 ms in the layer's profile;
 runs of 16 sub-keys cut to their top 4 before the chunk's top-k (exact, checked per row with a re-run),
-1.31-1.45 vs 0.81 ms although it does half the compare-exchanges (not kept).
+1.31-1.45 vs 0.81 ms although it does half the compare-exchanges.
 
-Exactness: the result is the exact top-k of the scores this kernel computes (ties to the lower flat id,
-as everywhere in routing). Those scores come from ``tl.dot`` in ``tf32x3`` (three TF32 tensor-core
-products, error ~1e-6 relative, like an fp32 GEMM's); an fp32 cuBLAS GEMM rounds differently, so the two
-paths can pick different experts where two candidates' scores are within rounding of each other (the
-values of the k-th best still agree to rounding). Scores that the dot computes exactly (small integers,
-used by the tests) give identical ids.
+Exactness: each part's list is the exact top-KP of the scores this kernel computes (ties to the lower
+flat id, as everywhere in routing). Those scores come from ``tl.dot`` in ``tf32x3`` (three TF32
+tensor-core products, error ~1e-6 relative, like an fp32 GEMM's); an fp32 cuBLAS GEMM rounds
+differently, so the two paths can pick different experts where two candidates' scores are within
+rounding of each other (the values of the k-th best still agree to rounding). Scores that the dot
+computes exactly (small integers, used by the tests) give identical ids. The pair pruning is exact up to
+the one-ulp case ``llm/models/product_keys.py`` describes for its own pruning: a pair whose sum rounds
+to a tie with a dominating pair's and wins on id.
 
 Shape legend: T tokens, H heads, q query width of one part, n sub-keys of a part, k kept experts,
 KP = next power of two of min(k, n) (at least 2) candidates kept per part.
@@ -32,6 +38,7 @@ KP = next power of two of min(k, n) (at least 2) candidates kept per part.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -48,15 +55,15 @@ try:  # Triton is an optional dependency (the dev extra, or a CUDA install of to
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-# Largest k the fused kernel takes: its merge grid holds KP * KP int64 keys per token in registers
-# (BLOCK_T x 256 at k = 16, the largest measured; larger k runs the unfused kernels).
+# Largest k the fused kernels take (the largest measured; larger k runs the unfused kernels).
 MAX_FUSED_K = 16
 # Query widths of one part the dot accepts (tl.dot needs an inner size >= 16; powers of two keep the
 # tile unmasked).
 FUSED_PART_WIDTHS = (16, 32, 64, 128)
 # Launch defaults: tokens per program, sub-keys per chunk, warps. The fastest of the H100 sweeps in
-# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16): 0.86 ms with the half-cleaner and a sort, against
-# (128, 64, 8) 0.96 ms and (32, 64, 4) 2.79 ms.
+# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16; one kernel for both parts): 0.81 ms with the
+# half-cleaner and a bitonic merge; (64, 32, 4) 0.81, (128, 64, 8) 0.92, (64, 128, 4) 1.31, (32, 64, 4)
+# 2.79 ms.
 BLOCK_T = 64
 BLOCK_N = 64
 NUM_WARPS = 4
@@ -131,41 +138,9 @@ if triton is not None:
         return best
 
     @triton.jit
-    def _fused_retrieval_kernel(
-        q_ptr,  # (T, H, 2q) fp32 contiguous
-        keys0_ptr,  # (n0, q) or (H, n0, q) fp32 contiguous
-        keys1_ptr,  # (n1, q) or (H, n1, q) fp32 contiguous
-        vals_ptr,  # (T, H, K) fp32 out
-        ids_ptr,  # (T, H, K) int64 out
-        T,
-        H,
-        n0,
-        n1,
-        head_stride0,  # n0 * q for per-head sub-keys, 0 when shared
-        head_stride1,
-        Q: tl.constexpr,
-        K: tl.constexpr,
-        KP: tl.constexpr,
-        KOUT: tl.constexpr,  # next power of two of K, at least 2
-        BLOCK_T: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
-        HAS_MERGE: tl.constexpr,
-    ):
-        t0 = tl.program_id(0) * BLOCK_T
-        h = tl.program_id(1).to(tl.int64)
-        q_head = q_ptr + h * 2 * Q
-        a = _part_topk(q_head, keys0_ptr + h * head_stride0, t0, T, H, n0, Q, KP, BLOCK_T, BLOCK_N, PRECISION,
-                       HAS_MERGE)  # fmt: skip
-        b = _part_topk(q_head + Q, keys1_ptr + h * head_stride1, t0, T, H, n1, Q, KP, BLOCK_T, BLOCK_N, PRECISION,
-                       HAS_MERGE)  # fmt: skip
-        a_val, a_pos = unpack_score_id(a)
-        b_val, b_pos = unpack_score_id(b)
-        # (BLOCK_T, KP, KP) grid: sums formed as a + b in fp32, ids row-major over (part 0, part 1)
-        grid_ok = (a != _EMPTY_KEY)[:, :, None] & (b != _EMPTY_KEY)[:, None, :]
-        grid = pack_score_id(a_val[:, :, None] + b_val[:, None, :], a_pos[:, :, None] * n1 + b_pos[:, None, :])
-        grid = tl.reshape(tl.where(grid_ok, grid, _EMPTY_KEY), (BLOCK_T, KP * KP))
-        top = tl.topk(grid, KOUT)  # (BLOCK_T, KOUT), descending
+    def _store_top(cand, vals_ptr, ids_ptr, t0, h, T, H, K: tl.constexpr, KOUT: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Top-K of the (BLOCK_T, C) candidate keys, stored as (score, flat id) in rows t0.., head h."""
+        top = tl.topk(cand, KOUT)  # (BLOCK_T, KOUT), descending
         val, flat = unpack_score_id(top)
         rows = t0 + tl.arange(0, BLOCK_T)
         slots = tl.arange(0, KOUT)
@@ -173,6 +148,86 @@ if triton is not None:
         ok = (rows < T)[:, None] & (slots < K)[None, :]
         tl.store(vals_ptr + out, val, mask=ok)
         tl.store(ids_ptr + out, flat, mask=ok)
+
+    @triton.jit
+    def _part_lists_kernel(
+        q_ptr,  # (T, H, 2q) fp32 contiguous
+        keys0_ptr,  # (n0, q) or (H, n0, q) fp32 contiguous
+        keys1_ptr,  # (n1, q) or (H, n1, q) fp32 contiguous
+        lists_ptr,  # (T, H, 2, KP) int64 out: each part's top-KP packed keys, ascending
+        T,
+        H,
+        n0,
+        n1,
+        head_stride0,
+        head_stride1,
+        Q: tl.constexpr,
+        KP: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+        HAS_MERGE: tl.constexpr,
+    ):
+        """One program per (token block, head, part): the part's top-KP keys, ascending, into lists."""
+        t0 = tl.program_id(0) * BLOCK_T
+        h = tl.program_id(1).to(tl.int64)
+        part = tl.program_id(2)
+        q_head = q_ptr + h * 2 * Q
+        if part == 0:
+            best = _part_topk(q_head, keys0_ptr + h * head_stride0, t0, T, H, n0, Q, KP, BLOCK_T, BLOCK_N,
+                              PRECISION, HAS_MERGE)  # fmt: skip
+        else:
+            best = _part_topk(q_head + Q, keys1_ptr + h * head_stride1, t0, T, H, n1, Q, KP, BLOCK_T, BLOCK_N,
+                              PRECISION, HAS_MERGE)  # fmt: skip
+        rows = t0 + tl.arange(0, BLOCK_T)
+        slots = tl.arange(0, KP)
+        out = ((rows.to(tl.int64)[:, None] * H + h) * 2 + part) * KP + slots[None, :]
+        tl.store(lists_ptr + out, best, mask=(rows < T)[:, None])
+
+    @triton.jit
+    def _merge_lists_kernel(
+        lists_ptr,  # (T, H, 2, KP) int64 from _part_lists_kernel
+        pairs_ptr,  # (2, C) int32: ranks (i, j) of the candidate pairs, -1 for padding
+        vals_ptr,  # (T, H, K) fp32 out
+        ids_ptr,  # (T, H, K) int64 out
+        T,
+        H,
+        n1,
+        K: tl.constexpr,
+        KP: tl.constexpr,
+        KOUT: tl.constexpr,
+        C: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        """The top-K over the C candidate pairs (i, j) of the parts' i-th and j-th best that can reach the
+        top K, (i + 1) * (j + 1) <= K (50 of 256 at K = 16)."""
+        t0 = tl.program_id(0) * BLOCK_T
+        h = tl.program_id(1).to(tl.int64)
+        rows = t0 + tl.arange(0, BLOCK_T)
+        c = tl.arange(0, C)
+        pi = tl.load(pairs_ptr + c)
+        pj = tl.load(pairs_ptr + C + c)
+        ok = (rows < T)[:, None] & (pi >= 0)[None, :]
+        base = ((rows.to(tl.int64) * H + h) * 2 * KP)[:, None]
+        # lists are ascending: rank i sits at KP - 1 - i
+        a = tl.load(lists_ptr + base + (KP - 1 - pi)[None, :], mask=ok, other=_EMPTY_KEY)
+        b = tl.load(lists_ptr + base + KP + (KP - 1 - pj)[None, :], mask=ok, other=_EMPTY_KEY)
+        a_val, a_pos = unpack_score_id(a)
+        b_val, b_pos = unpack_score_id(b)
+        cand = pack_score_id(a_val + b_val, a_pos * n1 + b_pos)  # (BLOCK_T, C), ids row-major over the parts
+        _store_top(tl.where((a != _EMPTY_KEY) & (b != _EMPTY_KEY), cand, _EMPTY_KEY), vals_ptr, ids_ptr, t0, h,
+                   T, H, K, KOUT, BLOCK_T)  # fmt: skip
+
+
+@functools.cache
+def _candidate_pairs(k: int, kp: int, device: torch.device) -> Tensor:
+    """(2, C) int32 ranks (i, j) with (i + 1) * (j + 1) <= k, i, j < kp, padded with -1 to a power of two
+    (at least next_power_of_2(k)): a pair outside can never reach the top k, as (i + 1) * (j + 1) - 1
+    pairs of higher ranks in both lists score at least as high."""
+    pairs = [(i, j) for i in range(kp) for j in range(kp) if (i + 1) * (j + 1) <= k]
+    size = max(2, triton.next_power_of_2(k), triton.next_power_of_2(len(pairs)))
+    pairs += [(-1, -1)] * (size - len(pairs))
+    return torch.tensor(pairs, dtype=torch.int32, device=device).T.contiguous()
 
 
 def fused_retrieval_applies(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> bool:
@@ -202,7 +257,7 @@ def fused_retrieval(
     block_n: int = BLOCK_N,
     num_warps: int = NUM_WARPS,
 ) -> tuple[Tensor, Tensor]:
-    """Same contract as ``fused_retrieval_reference`` (no gradient; values in fp32), one kernel launch.
+    """Same contract as ``fused_retrieval_reference`` (no gradient; values in fp32), two kernel launches.
 
     The caller checks ``fused_retrieval_applies``. ``block_t``, ``block_n`` and ``num_warps`` set the
     launch (benchmarks sweep them); the defaults are the fastest measured.
@@ -218,11 +273,18 @@ def fused_retrieval(
     ids = torch.empty(T, H, k, dtype=torch.int64, device=q_THQ.device)
     keys0, keys1 = (t.detach().contiguous() for t in sub_keys)
     per_head = keys0.dim() == 3
-    _fused_retrieval_kernel[(triton.cdiv(T, block_t), H)](
-        q_THQ.detach().contiguous(), keys0, keys1, vals, ids, T, H, n0, n1,
-        n0 * q if per_head else 0, n1 * q if per_head else 0,
-        Q=q, K=k, KP=kp, KOUT=max(2, triton.next_power_of_2(k)), BLOCK_T=block_t, BLOCK_N=block_n,
-        PRECISION=PRECISION, HAS_MERGE=HAS_BITONIC_MERGE,
+    q_THQ = q_THQ.detach().contiguous()
+    head_strides = (n0 * q if per_head else 0, n1 * q if per_head else 0)
+    kout = max(2, triton.next_power_of_2(k))
+    lists = torch.empty(T, H, 2, kp, dtype=torch.int64, device=q_THQ.device)
+    _part_lists_kernel[(triton.cdiv(T, block_t), H, 2)](
+        q_THQ, keys0, keys1, lists, T, H, n0, n1, *head_strides,
+        Q=q, KP=kp, BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=PRECISION, HAS_MERGE=HAS_BITONIC_MERGE,
+        num_warps=num_warps,
+    )  # fmt: skip
+    pairs = _candidate_pairs(k, kp, q_THQ.device)  # cached: built (and copied to the device) once
+    _merge_lists_kernel[(triton.cdiv(T, block_t), H)](
+        lists, pairs, vals, ids, T, H, n1, K=k, KP=kp, KOUT=kout, C=pairs.shape[1], BLOCK_T=block_t,
         num_warps=num_warps,
     )  # fmt: skip
     return vals, ids

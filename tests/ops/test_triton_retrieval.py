@@ -42,8 +42,8 @@ CASES = [
 ]
 
 
-def _run(q_THQ, keys, k, block_n):
-    vals, ids = fused_retrieval(q_THQ.to(DEVICE), [t.to(DEVICE) for t in keys], k, block_t=16, block_n=block_n)
+def _run(q_THQ, keys, k, block_n, **launch):
+    vals, ids = fused_retrieval(q_THQ.to(DEVICE), [t.to(DEVICE) for t in keys], k, block_t=16, block_n=block_n, **launch)
     return vals.cpu(), ids.cpu()
 
 
@@ -63,6 +63,18 @@ def test_sort_instead_of_bitonic_merge_gives_the_same_result(monkeypatch):
     vals, ids = _run(q_THQ, keys, 16, 32)
     want = fused_retrieval_reference(q_THQ, keys, 16)
     assert torch.equal(ids, want[1]) and torch.equal(vals, want[0])
+
+
+@pytest.mark.parametrize("k", [1, 3, 8, 16])
+def test_candidate_pairs_are_those_that_can_reach_the_top_k(k):
+    pairs = triton_retrieval._candidate_pairs(k, triton_retrieval.triton.next_power_of_2(k), "cpu").T.tolist()
+    real = [(i, j) for i, j in pairs if i >= 0]
+    assert sorted(real) == [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
+    assert len(pairs) & (len(pairs) - 1) == 0 and len(pairs) >= k  # a power of two holding the top k
+    if k == 16:
+        assert len(real) == 50
+    # built once per (k, KP, device): a per-call build would copy it to the GPU and wait for the queue
+    assert triton_retrieval._candidate_pairs(k, k, "cpu") is triton_retrieval._candidate_pairs(k, k, "cpu")
 
 
 def test_all_tied_scores_return_the_lowest_ids():
