@@ -27,18 +27,18 @@ Exactness: each part's list is the exact top-KP of the scores this kernel comput
 flat id, as everywhere in routing). Those scores come from ``tl.dot`` in ``tf32x3`` (three TF32
 tensor-core products, error ~1e-6 relative, like an fp32 GEMM's); an fp32 cuBLAS GEMM rounds
 differently, so the two paths can pick different experts where two candidates' scores are within
-rounding of each other (the values of the k-th best still agree to rounding). Scores that the dot
-computes exactly (small integers, used by the tests) give identical ids. The pair pruning is exact up to
-the one-ulp case ``llm/models/product_keys.py`` describes for its own pruning: a pair whose sum rounds
-to a tie with a dominating pair's and wins on id.
+rounding of each other (the values of the k-th best still agree to rounding). The merge skips the pairs
+that a full grid would rank below k dominating ones, which is exact unless rounding intervenes: a
+skipped pair whose fp32 sum rounds to a tie with a dominating pair's sum and wins on id (the one-ulp case
+``llm/models/product_keys.py`` describes for its own pruning). Where the dots and the sums are exact
+(small integers, used by the tests) the ids equal the reference's.
 
 Shape legend: T tokens, H heads, q query width of one part, n sub-keys of a part, k kept experts,
-KP = next power of two of min(k, n) (at least 2) candidates kept per part.
+KP = next power of two of min(k, max(n0, n1)) (at least 2) candidates kept per part.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -61,9 +61,10 @@ MAX_FUSED_K = 16
 # tile unmasked).
 FUSED_PART_WIDTHS = (16, 32, 64, 128)
 # Launch defaults: tokens per program, sub-keys per chunk, warps. The fastest of the H100 sweeps in
-# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16; one kernel for both parts): 0.81 ms with the
-# half-cleaner and a bitonic merge; (64, 32, 4) 0.81, (128, 64, 8) 0.92, (64, 128, 4) 1.31, (32, 64, 4)
-# 2.79 ms.
+# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16), taken with one kernel doing both parts and the
+# merge: 0.81 ms with the half-cleaner and a bitonic merge; (64, 32, 4) 0.81, (128, 64, 8) 0.92,
+# (64, 128, 4) 1.31, (32, 64, 4) 2.79 ms. The part and merge kernels have not been swept on their own;
+# the merge kernel uses BLOCK_T and NUM_WARPS too.
 BLOCK_T = 64
 BLOCK_N = 64
 NUM_WARPS = 4
@@ -100,7 +101,8 @@ if triton is not None:
         """Top-KP of best (ascending) and desc (descending), ascending.
 
         The two lists side by side form a bitonic sequence; its half-cleaner step (elementwise max) keeps
-        exactly the top-KP of the union (keys are unique within a row) as a bitonic list, which a bitonic
+        exactly the top-KP of the union as a bitonic list (ids make keys unique; repeated empty padding
+        keys do no harm to a sorting network), which a bitonic
         merge (log KP stages; a full sort where Triton lacks ``tl.bitonic_merge``) puts in order.
         """
         if HAS_MERGE:
@@ -219,15 +221,24 @@ if triton is not None:
                    T, H, K, KOUT, BLOCK_T)  # fmt: skip
 
 
-@functools.cache
+# (k, KP, device) -> the merge's candidate-pair table. A plain dict rather than functools.cache: under
+# torch.compile, Dynamo ignores functools.cache and would trace the table's construction, a pageable
+# host-to-device copy (which waits for the GPU queue) on every step; a global dict it guards and reads.
+_PAIR_TABLES: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
 def _candidate_pairs(k: int, kp: int, device: torch.device) -> Tensor:
     """(2, C) int32 ranks (i, j) with (i + 1) * (j + 1) <= k, i, j < kp, padded with -1 to a power of two
-    (at least next_power_of_2(k)): a pair outside can never reach the top k, as (i + 1) * (j + 1) - 1
-    pairs of higher ranks in both lists score at least as high."""
-    pairs = [(i, j) for i in range(kp) for j in range(kp) if (i + 1) * (j + 1) <= k]
-    size = max(2, triton.next_power_of_2(k), triton.next_power_of_2(len(pairs)))
-    pairs += [(-1, -1)] * (size - len(pairs))
-    return torch.tensor(pairs, dtype=torch.int32, device=device).T.contiguous()
+    (at least next_power_of_2(k)): a pair outside can never reach the top k, as the (i + 1) * (j + 1) - 1
+    other pairs (i', j') with i' <= i, j' <= j score at least as high (ties: lower ids). Built once per
+    (k, kp, device)."""
+    key = (k, kp, torch.device(device))
+    if key not in _PAIR_TABLES:
+        pairs = [(i, j) for i in range(kp) for j in range(kp) if (i + 1) * (j + 1) <= k]
+        size = max(2, triton.next_power_of_2(k), triton.next_power_of_2(len(pairs)))
+        pairs += [(-1, -1)] * (size - len(pairs))
+        _PAIR_TABLES[key] = torch.tensor(pairs, dtype=torch.int32, device=device).T.contiguous()
+    return _PAIR_TABLES[key]
 
 
 def fused_retrieval_applies(q_THQ: Tensor, sub_keys: Sequence[Tensor], k: int) -> bool:
@@ -282,7 +293,7 @@ def fused_retrieval(
         Q=q, KP=kp, BLOCK_T=block_t, BLOCK_N=block_n, PRECISION=PRECISION, HAS_MERGE=HAS_BITONIC_MERGE,
         num_warps=num_warps,
     )  # fmt: skip
-    pairs = _candidate_pairs(k, kp, q_THQ.device)  # cached: built (and copied to the device) once
+    pairs = _candidate_pairs(k, kp, q_THQ.device)  # built (and copied to the device) once
     _merge_lists_kernel[(triton.cdiv(T, block_t), H)](
         lists, pairs, vals, ids, T, H, n1, K=k, KP=kp, KOUT=kout, C=pairs.shape[1], BLOCK_T=block_t,
         num_warps=num_warps,

@@ -1,4 +1,4 @@
-"""llm/ops/triton_retrieval.py: the fused two-part retrieval kernel equals the unfused reference.
+"""llm/ops/triton_retrieval.py: the fused two-part retrieval kernels equal the unfused reference.
 
 CI runs the kernel through the Triton interpreter on CPU tensors; on a GPU (TRITON_INTERPRET=0) compiled.
 Small-integer queries and sub-keys make every score exact in any precision, so ids must match bit for bit
@@ -67,14 +67,31 @@ def test_sort_instead_of_bitonic_merge_gives_the_same_result(monkeypatch):
 
 @pytest.mark.parametrize("k", [1, 3, 8, 16])
 def test_candidate_pairs_are_those_that_can_reach_the_top_k(k):
-    pairs = triton_retrieval._candidate_pairs(k, triton_retrieval.triton.next_power_of_2(k), "cpu").T.tolist()
+    pairs = triton_retrieval._candidate_pairs(k, triton_retrieval.triton.next_power_of_2(k), torch.device("cpu"))
+    pairs = pairs.T.tolist()
     real = [(i, j) for i, j in pairs if i >= 0]
     assert sorted(real) == [(i, j) for i in range(k) for j in range(k) if (i + 1) * (j + 1) <= k]
     assert len(pairs) & (len(pairs) - 1) == 0 and len(pairs) >= k  # a power of two holding the top k
     if k == 16:
         assert len(real) == 50
     # built once per (k, KP, device): a per-call build would copy it to the GPU and wait for the queue
-    assert triton_retrieval._candidate_pairs(k, k, "cpu") is triton_retrieval._candidate_pairs(k, k, "cpu")
+    cpu = torch.device("cpu")
+    assert triton_retrieval._candidate_pairs(k, k, cpu) is triton_retrieval._candidate_pairs(k, k, cpu)
+
+
+def test_pruned_merge_differs_only_where_a_sum_rounds_to_a_tie():
+    # The documented one-ulp gap: 1 - 2^-24 + 4 rounds to 5.0, tying pair (rank 1, rank 1) of sub-keys
+    # (0, 2) with dominating pairs of score 5.0; the full grid picks it on id, the pruned merge never sees
+    # it. The values (the top-k scores) are the same; only which of the tied experts is returned differs.
+    q_THQ = torch.zeros(1, 1, 32)
+    q_THQ[0, 0, 0] = q_THQ[0, 0, 16] = 1.0
+    keys0, keys1 = torch.zeros(8, 16), torch.zeros(8, 16)
+    keys0[5, 0], keys0[0, 0] = 1.0, 1 - 2**-24
+    keys1[1, 0] = keys1[2, 0] = 4.0
+    vals, ids = _run(q_THQ, [keys0, keys1], 3, 16)
+    want_vals, want_ids = fused_retrieval_reference(q_THQ, [keys0, keys1], 3)
+    assert torch.equal(vals, want_vals) and (vals == 5.0).all()
+    assert ids.tolist() == [[[1, 41, 42]]] and want_ids.tolist() == [[[1, 2, 41]]]
 
 
 def test_all_tied_scores_return_the_lowest_ids():
