@@ -7,6 +7,7 @@ the section's validator too, so a config built in Python gets the same messages 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -27,17 +28,44 @@ from llm.config.errors import ConfigError
 
 
 def validate_config(config: Config) -> None:
+    require_finite(config, "")
     validate_model_config(config.model_config, "model_config")
     validate_train_config(config.train_config, "train_config")
     validate_dataset_config(config.dataset_config, "dataset_config")
     validate_eval_config(config.eval_config, "eval_config")
     validate_wandb_config(config.wandb_config, "wandb_config")
     validate_ablation_config(config.ablation_config, "ablation_config")
+    if config.train_config.distributed == "fsdp" and config.model_config.peer_config.table_optimizer == "sparse_adam":
+        # the row-sparse optimiser finds touched rows in whole (unsharded) tables; FSDP shards them
+        raise ConfigError(
+            "model_config.peer_config.table_optimizer: 'sparse_adam' needs unsharded expert tables; "
+            "use it with train_config.distributed: ddp, or table_optimizer: adamw with fsdp"
+        )
     seq_len = config.dataset_config.seq_len
     if seq_len > config.model_config.max_seq_len:
         raise ConfigError(
             f"dataset_config.seq_len: {seq_len} exceeds model_config.max_seq_len={config.model_config.max_seq_len}"
         )
+
+
+# Seeds: torch and numpy take any 64-bit value; the trainer adds the rank, so leave room below 2**63.
+MAX_SEED = 2**62
+
+
+def require_finite(value: Any, key: str) -> None:
+    """Every float in a config value (sections, lists and mappings included) is finite: the range checks
+    below compare with bounds, which NaN fails but +-inf can pass (``lr: .inf``). ``key`` names value."""
+    if dataclasses.is_dataclass(value):
+        for field in dataclasses.fields(value):
+            require_finite(getattr(value, field.name), f"{key}.{field.name}" if key else field.name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            require_finite(item, f"{key}[{i}]")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            require_finite(item, f"{key}.{name}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: got {value!r}; must be a finite number")
 
 
 def require(condition: bool, key: str, value: Any, allowed: str) -> None:
@@ -170,7 +198,7 @@ def validate_train_config(cfg: TrainConfig, prefix: str = "train_config") -> Non
     require(cfg.keep_last_checkpoints >= 1, k + "keep_last_checkpoints", cfg.keep_last_checkpoints, "must be >= 1")
     require(cfg.keep_every_n_steps >= 0, k + "keep_every_n_steps", cfg.keep_every_n_steps, "must be >= 0")
     require(cfg.log_interval >= 1, k + "log_interval", cfg.log_interval, "must be >= 1")
-    require(cfg.seed >= 0, k + "seed", cfg.seed, "must be >= 0")
+    require(0 <= cfg.seed < MAX_SEED, k + "seed", cfg.seed, f"must be in [0, {MAX_SEED})")
     require(
         cfg.max_consecutive_nonfinite >= 1, k + "max_consecutive_nonfinite", cfg.max_consecutive_nonfinite, "must be >= 1"
     )
@@ -179,6 +207,7 @@ def validate_train_config(cfg: TrainConfig, prefix: str = "train_config") -> Non
 def validate_dataset_config(cfg: DatasetConfig, prefix: str = "dataset_config") -> None:
     k = f"{prefix}."
     require(cfg.seq_len >= 2, k + "seq_len", cfg.seq_len, "must be >= 2")
+    require(0 <= cfg.seed < MAX_SEED, k + "seed", cfg.seed, f"must be in [0, {MAX_SEED})")
     require_choice(cfg.stopping_strategy, k + "stopping_strategy", ["first_exhausted", "all_exhausted"])
     require(cfg.shuffle_buffer >= 0, k + "shuffle_buffer", cfg.shuffle_buffer, "must be >= 0")
     require(cfg.num_workers >= 0, k + "num_workers", cfg.num_workers, "must be >= 0")

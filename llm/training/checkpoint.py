@@ -354,14 +354,36 @@ class Checkpointer:
             os.fsync(f.fileno())
         _fsync_path(tmp)
         # A folder of the same step exists after resuming from an older checkpoint: the new one
-        # replaces it (moved aside first, since a rename cannot replace a non-empty folder).
+        # replaces it (moved aside first, since a rename cannot replace a non-empty folder). If the second
+        # rename fails the old one is put back; a crash between the two leaves it as .old_<name>, which
+        # ``recover_replaced`` restores.
         old = self.root / f".old_{final.name}"
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-        os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+        else:
+            os.replace(tmp, final)
         _fsync_path(self.root)
         shutil.rmtree(old, ignore_errors=True)
+
+    def recover_replaced(self) -> None:
+        """Rank 0: put back a complete ``.old_step_N`` whose replacement never arrived (a crash between
+        ``_finish``'s two renames); drop those that were replaced."""
+        if not self.info.is_main or not self.root.is_dir():
+            return
+        for old in self.root.glob(".old_step_*"):
+            final = self.root / old.name[len(".old_") :]
+            if final.exists() or not (old / MARKER).is_file():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(old, final)
+                log.warning("restored checkpoint %s (left aside by an interrupted save)", final)
+        _fsync_path(self.root)
 
     def set_aside_newer(self, step: int, also: list[Path]) -> Path | None:
         """Resuming from ``step`` while newer checkpoints exist (a rollback): move them, with copies of the
@@ -391,13 +413,16 @@ class Checkpointer:
         for path in done:
             if path not in keep:
                 shutil.rmtree(path, ignore_errors=True)
-        for stale in [*self.root.glob(".tmp_step_*"), *self.root.glob(".old_step_*")]:  # left by a crash
+        for stale in self.root.glob(".tmp_step_*"):  # left by a crash
             shutil.rmtree(stale, ignore_errors=True)
+        self.recover_replaced()
 
     # ---- loading --------------------------------------------------------------------
 
     def resolve(self, resume: str) -> list[Path]:
         """Candidate checkpoints for ``resume`` ('latest' or a path), best first."""
+        self.recover_replaced()
+        distributed.barrier()
         if resume == "latest":
             for path in self.step_dirs():
                 if not (path / MARKER).is_file() and self.info.is_main:
@@ -434,6 +459,7 @@ class Checkpointer:
         reasons = []
         for i, path in enumerate(candidates):
             try:
+                verify_files(path)  # first: a damaged config.yaml is a damaged checkpoint, not a config error
                 check_config(path, config)
                 result = self._load_one(path, model, optimizer)
                 error = ""
@@ -457,7 +483,6 @@ class Checkpointer:
         return None
 
     def _load_one(self, path: Path, model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        _verify_sizes(path)
         trainer_state = _torch_load(path / "trainer.pt")
         saved_world = trainer_state.get("world_size", 1)
         if saved_world != self.info.world_size:
@@ -511,11 +536,11 @@ def find_model_checkpoint(path: str | Path) -> Path:
     """
     path = Path(path)
     if (path / MARKER).is_file():
-        _verify_sizes(path)
+        verify_files(path)
         return path
     for candidate in reversed(Checkpointer(path).complete()):
         try:
-            _verify_sizes(candidate)
+            verify_files(candidate)
             return candidate
         except CheckpointError as exc:
             log.warning("checkpoint %s is unusable (%s); trying an older one", candidate.name, exc)
@@ -525,7 +550,8 @@ def find_model_checkpoint(path: str | Path) -> Path:
     )
 
 
-def _verify_sizes(path: Path) -> None:
+def verify_files(path: Path) -> None:
+    """Raise ``CheckpointError`` unless every file the marker lists is present with its recorded size."""
     try:
         marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
         expected = marker["files"]

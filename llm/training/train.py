@@ -34,7 +34,14 @@ from llm.config import Config, ConfigError, save_config
 from llm.config.defaults import ModelConfig, TrainConfig
 from llm.models.generation import prompt_token_ids
 from llm.training import distributed
-from llm.training.checkpoint import Checkpointer, checkpoint_step, set_rng_state
+from llm.training.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    check_config,
+    checkpoint_step,
+    set_rng_state,
+    verify_files,
+)
 from llm.training.distributed import autocast_dtype
 from llm.training.metrics import METRICS_FILE, Throughput, build_logger, memory_gib, peak_flops
 from llm.training.optim import build_optimizer, clip_grad_norm
@@ -104,9 +111,9 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
             model.peer_modules(), mc.peer_config.product_key_dim, mc.peer_config.log_freq,
             out / "expert_usage", distributed.all_reduce_sum,
         )  # fmt: skip
-        state, rng = TrainState(), None
+        state, rng, restored = TrainState(), None, None
         if resume:
-            state, rng = restore(checkpointer, resume, model, optimizer, loader, tracker, config, info)
+            state, rng, restored = restore(checkpointer, resume, model, optimizer, loader, tracker, config, info)
         logger = build_logger(config, info.is_main, total_steps, state.step if resume else None, state.wandb_id)
         state.wandb_id = logger.wandb_id or state.wandb_id
         describe_run(config, out, info, model, total_steps, state.step)
@@ -119,6 +126,7 @@ def train(config: Config, resume: str | None = None) -> TrainResult:
         loop = Loop(
             config, info, model, loss_module, optimizer, schedule, tokenizer, loader, checkpointer, logger, tracker
         )
+        loop.last_checkpoint = restored  # the step it holds is not saved again (a re-save replaces a folder)
         with StopSignals() as signals:
             status = loop.run(state, total_steps, signals)
             # still handled: a signal during the final evaluation must not kill the finished run (exit 143)
@@ -190,8 +198,8 @@ class Loop:
                 self.save(state)
             # Ranks agree on stopping through a deferred all-reduce (no host sync per step): a signal is
             # acted on DeferredVote.LAG steps later on every rank, well inside torchrun's 30 s grace period.
-            if stop_vote.vote(signals.received is not None):
-                return "interrupted"
+            if stop_vote.vote(signals.received is not None) and state.step < total_steps:
+                return "interrupted"  # (a signal during the last step lets the run finish: save, evaluate)
         return "completed"
 
     def train_step(self) -> tuple[torch.Tensor, float, bool]:
@@ -330,7 +338,22 @@ def preflight(config: Config, resume: str | None) -> None:
     from llm.data import build_tokenizer
 
     refuse_fresh_run_over_checkpoints(config.train_config.output_dir, resume)
+    check_resume_target(config, resume)
     check_vocab(build_tokenizer(config.dataset_config).vocab_size, config.model_config)
+
+
+def check_resume_target(config: Config, resume: str | None) -> None:
+    """The checkpoint ``resume`` names exists and is complete, and the config matches the one the resume
+    would load (the newest intact one for 'latest'); raises ``CheckpointError`` / ``ConfigError``."""
+    if not resume:
+        return
+    for path in Checkpointer(config.train_config.output_dir).resolve(resume):
+        try:
+            verify_files(path)
+        except CheckpointError:
+            continue  # the resume falls back past it (or reports every candidate)
+        check_config(path, config)
+        return
 
 
 def prepare_output_dir(path: str) -> Path:
@@ -391,12 +414,12 @@ def total_training_steps(tc: TrainConfig, seq_len: int, world_size: int) -> int:
     return tc.max_steps
 
 
-def restore(checkpointer, resume, model, optimizer, loader, tracker, config, info) -> tuple[TrainState, Any]:
-    """Load the checkpoint ``resume`` names into the components; (state, this rank's RNG state)."""
+def restore(checkpointer, resume, model, optimizer, loader, tracker, config, info) -> tuple[TrainState, Any, Path | None]:
+    """Load the checkpoint ``resume`` names into the components; (state, this rank's RNG state, its folder)."""
     loaded = checkpointer.load(resume, model, optimizer, config)
     if loaded is None:
         say(info, f"--resume: no checkpoint under {checkpointer.root}; starting from step 0")
-        return TrainState(), None
+        return TrainState(), None, None
     path, trainer_state, rank_state = loaded
     aside = checkpointer.set_aside_newer(int(trainer_state["step"]), [checkpointer.root.parent / METRICS_FILE])
     if aside is not None:
@@ -406,7 +429,7 @@ def restore(checkpointer, resume, model, optimizer, loader, tracker, config, inf
     fields = TrainState.__dataclass_fields__
     state = TrainState(**{k: v for k, v in trainer_state.items() if k in fields})
     say(info, f"resumed from {path} (step {state.step}, {state.tokens:,} tokens)")
-    return state, rank_state["rng"]
+    return state, rank_state["rng"], path
 
 
 def describe_run(

@@ -43,6 +43,12 @@ BAD_OVERRIDES = [
     (["model_config=3"], "model_config: expected a mapping"),
     (["ablation_config.axes={heads: {two: {model_config.peer_config.num_headz: 2}}}"], "ablation_config.axes.heads.two"),
     (["eval_config.top_p=0"], "eval_config.top_p"),
+    (["train_config.lr=.inf"], "train_config.lr: got inf; must be a finite number"),
+    (["eval_config.temperature=.inf"], "eval_config.temperature: got inf; must be a finite number"),
+    (["train_config.seed=4611686018427387904"], "train_config.seed: got 4611686018427387904; must be in [0, "),
+    (["dataset_config.seed=-1"], "dataset_config.seed: got -1; must be in [0, "),
+    (["train_config.distributed=fsdp", "model_config.peer_config.table_optimizer=sparse_adam"],
+     "table_optimizer: 'sparse_adam' needs unsharded expert tables"),
 ]
 
 

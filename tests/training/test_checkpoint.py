@@ -225,3 +225,50 @@ def test_saving_an_existing_step_replaces_it(tmp_path):
     path = _save(cp, 4, other, other_opt)
     assert cp.complete() == [path] and not list(cp.root.glob(".old_*"))
     assert torch.equal(load_model_weights(path)["lin.weight"], other.lin.weight)
+
+
+def test_replacing_a_step_that_fails_midway_puts_the_old_one_back(tmp_path, monkeypatch):
+    """Re-saving step N moves step_N aside, then renames the new folder in: if that second rename fails,
+    the old step_N comes back (before, it was left as .old_step_N and pruned by the next save)."""
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path)
+    first = _save(cp, 5, model, opt)
+    real = ckpt.os.replace
+
+    def fail_on_new(src, dst):
+        if str(src).endswith(".tmp_step_00000005"):
+            raise OSError(errno.EIO, "I/O error")
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", fail_on_new)
+    with pytest.raises(CheckpointError, match="step_00000005 is intact"):
+        _save(cp, 5, *_trained(seed=3))
+    monkeypatch.undo()
+    assert cp.complete() == [first] and not list(cp.root.glob(".old_*"))
+    assert torch.equal(load_model_weights(first)["lin.weight"], model.lin.weight)
+
+
+def test_a_crash_between_the_two_renames_is_recovered(tmp_path):
+    """A process killed after moving step_N aside and before renaming the new one in leaves .old_step_N
+    (complete) and .tmp_step_N: a resume restores the old folder instead of finding nothing."""
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path, keep_last=1)
+    path = _save(cp, 4, model, opt)
+    ckpt.os.replace(path, cp.root / ".old_step_00000004")
+    (cp.root / ".tmp_step_00000004").mkdir()
+    assert cp.latest() is None
+    folder, state, _ = cp.load("latest", *_trained(seed=1), Config())
+    assert folder == path and state["step"] == 4 and not list(cp.root.glob(".old_*"))
+
+
+def test_a_damaged_config_in_the_newest_checkpoint_falls_back(tmp_path):
+    """A truncated config.yaml that still parses used to be reported as the user's config differing; it is
+    a damaged checkpoint (its size no longer matches the marker), so 'latest' falls back past it."""
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path, keep_last=5)
+    _save(cp, 1, model, opt)
+    newest = _save(cp, 2, model, opt)
+    config_file = newest / "config.yaml"
+    config_file.write_text("\n".join(config_file.read_text().splitlines()[:4]) + "\n")
+    folder, state, _ = cp.load("latest", *_trained(seed=1), Config())
+    assert folder.name == "step_00000001" and state["step"] == 1

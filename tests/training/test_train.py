@@ -187,6 +187,55 @@ def test_preflight_checks_output_dir_and_tokenizer_without_training(tiny_config)
     train_mod.preflight(config, "latest")
 
 
+def test_preflight_checks_the_resume_target(tiny_config):
+    """A --resume path that is not a checkpoint, or a config that differs from the checkpoint's, is one
+    error before torchrun starts (scripts/train.sh runs preflight once), not one traceback per rank."""
+    from llm.training.checkpoint import CheckpointError
+
+    config = tiny_config("train_config.max_steps=2", "train_config.checkpoint_interval=2", "eval_config.sample_tokens=0")
+    with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+        train_mod.preflight(config, str(Path(config.train_config.output_dir) / "nope"))
+    train_mod.train(config)
+    changed = tiny_config("train_config.max_steps=4", "model_config.ffn_hidden_size=48")
+    with pytest.raises(ConfigError, match=r"model_config\.ffn_hidden_size"):
+        train_mod.preflight(changed, "latest")
+    train_mod.preflight(config, str(Checkpointer(config.train_config.output_dir).latest()))
+
+
+def test_resuming_a_finished_run_does_not_rewrite_its_last_checkpoint(tiny_config, monkeypatch):
+    """--resume on a run whose latest checkpoint is its last step evaluates and returns that checkpoint;
+    saving it again would replace the folder (a rename pair that a crash could interrupt)."""
+    config = tiny_config("train_config.max_steps=2", "train_config.checkpoint_interval=2", "eval_config.sample_tokens=0")
+    train_mod.train(config)
+    saves = []
+    real = Checkpointer.save
+    monkeypatch.setattr(Checkpointer, "save", lambda self, *a, **k: saves.append(a[0]) or real(self, *a, **k))
+    result = train_mod.train(config, resume="latest")
+    assert result.status == "completed" and result.step == 2 and saves == []
+    assert result.checkpoint.endswith("step_00000002") and "loss" in result.val
+
+
+def test_a_signal_during_the_last_step_lets_the_run_finish(tiny_config, monkeypatch):
+    """Stopping at the last step used to report 'interrupted' (no final evaluation) and ask for a
+    --resume that had nothing left to train."""
+    import os
+    import signal
+
+    config = tiny_config("train_config.max_steps=3", "eval_config.sample_tokens=0")
+    calls = []
+    real = train_mod.Loop.train_step
+
+    def step_then_signal(self):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(train_mod.Loop, "train_step", step_then_signal)
+    result = train_mod.train(config)
+    assert result.status == "completed" and result.step == 3 and "loss" in result.val
+
+
 def test_a_run_that_fails_before_writing_leaves_no_empty_directory(tiny_config):
     config = tiny_config("dataset_config.tokenizer=some-org/not-cached-tokenizer")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
