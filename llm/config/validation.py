@@ -235,6 +235,10 @@ def validate_data_source(src: DataSourceConfig, prefix: str) -> None:
     require_choice(src.sample_by, s + "sample_by", ["line", "paragraph", "document"])
     require(src.min_chars >= 0, s + "min_chars", src.min_chars, "must be >= 0")
     require(src.max_chars >= 0, s + "max_chars", src.max_chars, "must be >= 0 (0 = no limit)")
+    require(
+        src.max_chars == 0 or src.max_chars >= src.min_chars, s + "max_chars", src.max_chars,
+        f"must be 0 (no limit) or >= min_chars={src.min_chars} (otherwise every document is dropped)",
+    )  # fmt: skip
     require(src.holdout_documents >= 0, s + "holdout_documents", src.holdout_documents, "must be >= 0 (0 = off)")
     require(
         not (src.holdout_documents and src.validation_split),

@@ -32,7 +32,12 @@ from llm.config.errors import ConfigError
 from llm.config.validation import validate_dataset_config
 from llm.data.embedded import embedded_document
 from llm.data.packing import Packer
-from llm.data.sources import has_split, iter_source_texts, normalized_weights, resolve_sources, source_dataset
+from llm.data.sources import (
+    normalized_weights,
+    resolve_sources,
+    source_dataset,
+    validation_texts,
+)
 from llm.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -286,7 +291,9 @@ class TrainLoader:
         return {s.name: n for s, n in zip(self.plan.sources, totals, strict=True)}
 
     def mix_report(self) -> dict[str, float]:
-        """Flat metrics: ``data/<source>/requested`` and ``data/<source>/achieved`` token fractions.
+        """Flat metrics: ``data/<source>/requested``, the source's normalised weight (the probability that
+        a document is drawn from it), and ``data/<source>/achieved``, its fraction of the tokens read so
+        far: sources with longer documents achieve more tokens than their weight.
 
         ``achieved`` needs per-source token counts, which only on-the-fly tokenization keeps; pre-tokenized
         shards fixed their mix when they were written (``scripts/prepare_data.py`` reports it), so there
@@ -321,16 +328,13 @@ class ValLoader:
         cfg, tok, b = self.plan.cfg, self.plan.tokenizer, self.plan.batch_size
         packer = Packer(cfg.seq_len, tok.eos_id, tok.bos_id, tok.pad_id, cfg.add_bos, len(self.plan.sources))
         bad = BadRecordCounter(cfg.max_bad_records)
-        for i, src in enumerate(self.plan.sources):
-            if (self.source is not None and src.name != self.source) or not has_split(src, "validation"):
+        for i, text in validation_texts(self.plan.sources, cfg.seed, self.source):
+            if text is None:
+                bad.add(f"source {self.plan.sources[i].name!r} (validation)")
                 continue
-            for text in iter_source_texts(src, "validation", cfg.seed):
-                if text is None:
-                    bad.add(f"source {src.name!r} (validation)")
-                    continue
-                packer.add(tok.encode(text), i)
-                while packer.available() >= b:
-                    yield packer.take(b)
+            packer.add(tok.encode(text), i)
+            while packer.available() >= b:
+                yield packer.take(b)
         last = packer.take_padded(b)
         if last is not None:
             yield last

@@ -111,7 +111,7 @@ def prepare_pretokenized(cfg: DatasetConfig, tokenizer: Tokenizer, output_dir: s
     split, in source order.
     """
     from llm.data.loader import BadRecordCounter, EmbeddedStream, LoaderPlan, MixStream
-    from llm.data.sources import has_split, iter_source_texts, resolve_sources
+    from llm.data.sources import resolve_sources, validation_texts
 
     sources = resolve_sources(cfg)
     only_embedded = len(sources) == 1 and sources[0].type == "embedded"
@@ -147,12 +147,10 @@ def prepare_pretokenized(cfg: DatasetConfig, tokenizer: Tokenizer, output_dir: s
             total += len(doc)
     train.flush()
     val = _ShardWriter(out / "validation", dtype, shard_tokens)
-    if validation:
-        for src in sources:
-            if has_split(src, "validation"):
-                for text in iter_source_texts(src, "validation", cfg.seed):
-                    if text is not None:
-                        val.write(bos + tokenizer.encode(text) + [tokenizer.eos_id])
+    if validation:  # in the order the on-the-fly validation stream reads them
+        for _, text in validation_texts(sources, cfg.seed):
+            if text is not None:
+                val.write(bos + tokenizer.encode(text) + [tokenizer.eos_id])
         val.flush()
     if not train.shards:
         raise ValueError(f"the mix produced no training tokens (sources: {', '.join(s.name for s in sources)})")

@@ -413,3 +413,24 @@ def _source_texts(src: DataSourceConfig, split: str) -> Iterator[str | None]:
 
 def has_split(src: DataSourceConfig, split: str) -> bool:
     return split == "train" or src.type == "embedded" or bool(src.validation_split) or src.holdout_documents > 0
+
+
+def validation_texts(sources: list[DataSourceConfig], seed: int = 0, only: str | None = None) -> Iterator[tuple[int, str | None]]:
+    """(source index, text or None for a bad record) of every source's validation split, one document
+    from each source in turn (a source that runs out drops out): an evaluation capped at ``eval_batches``
+    then scores every source, not only the first ones. ``only`` keeps the source of that name."""
+    streams = {
+        i: iter_source_texts(src, "validation", seed)
+        for i, src in enumerate(sources)
+        if (only is None or src.name == only) and has_split(src, "validation")
+    }
+    while streams:
+        for i in list(streams):
+            text = next(streams[i], _DONE)
+            if text is _DONE:
+                del streams[i]
+            else:
+                yield i, text
+
+
+_DONE = object()  # end of a source's stream (None is a bad record)

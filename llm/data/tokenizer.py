@@ -105,7 +105,10 @@ def embedded_tokenizer() -> Tokenizer:
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE: the project treats either as "no network" (as hub sources do)."""
+    from llm.data.sources import hub_offline
+
+    return hub_offline()
 
 
 def _role_ids(backend, directory: Path | None) -> tuple[int, int, int]:
@@ -162,7 +165,8 @@ def load_hub_tokenizer(name: str) -> Tokenizer:
         if not isinstance(cached, str):
             raise ValueError(
                 f"dataset_config.tokenizer: {name!r} is a hub tokenizer that is not in the local cache and "
-                "HF_HUB_OFFLINE=1 forbids downloading it; unset HF_HUB_OFFLINE, or use 'embedded' or a local tokenizer.json"
+                "HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1) forbids downloading it; unset it, or use 'embedded' or "
+                "a local tokenizer.json"
             )
         file = Path(cached)
     else:

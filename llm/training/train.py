@@ -167,6 +167,7 @@ class Loop:
         )
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
         self.last_checkpoint: Path | None = None
+        self.warned_no_val = False
 
     def run(self, state: TrainState, total_steps: int, signals: StopSignals) -> str:
         from llm.utils.eval.size import flops_per_token
@@ -253,13 +254,18 @@ class Loop:
 
     def evaluate(self, step: int) -> dict[str, float]:
         from llm.data import build_val_loader
-        from llm.utils.eval.perplexity import evaluate_perplexity
+        from llm.utils.eval.perplexity import NO_HELD_OUT_DATA, evaluate_perplexity
 
         dc = self.config.dataset_config
         val = build_val_loader(dc, self.tokenizer, self.tc.batch_size, self.info.rank, self.info.world_size)
         result = evaluate_perplexity(
             self.model, val, self.config.eval_config.eval_batches, self.info.device, self.autocast_dtype
         )
+        if result["tokens"] == 0:  # nothing held out: say why (once) rather than log NaN
+            if not self.warned_no_val:
+                say(self.info, f"warning: {NO_HELD_OUT_DATA}; no held-out loss is reported")
+                self.warned_no_val = True
+            return result
         self.logger.log({"val_loss": result["loss"], "val_perplexity": result["perplexity"]}, step)
         return result
 
@@ -291,7 +297,8 @@ class Loop:
             say(self.info, f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
             return result
         result.val = self.evaluate(state.step)
-        say(self.info, f"held-out loss {result.val['loss']:.4f}, perplexity {result.val['perplexity']:.2f}")
+        if result.val["tokens"]:
+            say(self.info, f"held-out loss {result.val['loss']:.4f}, perplexity {result.val['perplexity']:.2f}")
         result.sample = self.sample()
         if result.sample is not None:
             say(self.info, f"sample: {result.sample}")

@@ -44,6 +44,8 @@ BAD_OVERRIDES = [
     (["ablation_config.axes={heads: {two: {model_config.peer_config.num_headz: 2}}}"], "ablation_config.axes.heads.two"),
     (["eval_config.top_p=0"], "eval_config.top_p"),
     (["train_config.lr=.inf"], "train_config.lr: got inf; must be a finite number"),
+    (["dataset_config.sources=[{path: a.jsonl, type: local, min_chars: 10, max_chars: 5}]"],
+     "sources[0].max_chars: got 5; must be 0 (no limit) or >= min_chars=10"),
     (["eval_config.temperature=.inf"], "eval_config.temperature: got inf; must be a finite number"),
     (["train_config.seed=4611686018427387904"], "train_config.seed: got 4611686018427387904; must be in [0, "),
     (["dataset_config.seed=-1"], "dataset_config.seed: got -1; must be in [0, "),

@@ -175,3 +175,23 @@ def test_holdout_and_validation_split_together_is_an_error(tmp_path):
                                            holdout_documents=2)])  # fmt: skip
     with pytest.raises(ConfigError, match=r"sources\[0\].holdout_documents"):
         build_train_loader(cfg, TOK, 2)
+
+
+def test_validation_takes_one_document_from_each_source_in_turn(tmp_path):
+    """An evaluation capped at eval_batches must score every source: validation documents alternate
+    between the sources (one that runs out drops out) instead of all of source 0 first."""
+    from llm.data.sources import validation_texts
+
+    write_jsonl(tmp_path / "a.jsonl", docs("alpha", 5))
+    write_jsonl(tmp_path / "b.jsonl", docs("beta", 2))
+    sources = [
+        DataSourceConfig(name="a", type="local", path=str(tmp_path / "a.jsonl"), validation_split=str(tmp_path / "a.jsonl")),
+        DataSourceConfig(name="train-only", type="local", path=str(tmp_path / "a.jsonl")),
+        DataSourceConfig(name="b", type="local", path=str(tmp_path / "b.jsonl"), validation_split=str(tmp_path / "b.jsonl")),
+    ]
+    order = [i for i, _ in validation_texts(sources)]
+    assert order == [0, 2, 0, 2, 0, 0, 0]
+    assert [i for i, _ in validation_texts(sources, only="b")] == [2, 2]
+    first = next(iter(build_val_loader(dataset_config(sources, seq_len=64), TOK, 1)))
+    text = TOK.decode([t for t in first["input_ids"][0].tolist() if t != TOK.pad_id])
+    assert "alpha" in text and "beta" in text

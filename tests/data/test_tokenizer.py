@@ -50,6 +50,13 @@ def test_bad_tokenizer_specs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         build_tokenizer(DatasetConfig(tokenizer="some-org/not-cached-tokenizer"))
     assert time.perf_counter() - start < 2.0
+    # HF_DATASETS_OFFLINE alone also means offline, as it does for hub data sources
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="HF_DATASETS_OFFLINE"):
+        build_tokenizer(DatasetConfig(tokenizer="some-org/not-cached-tokenizer"))
+    assert time.perf_counter() - start < 2.0
     with pytest.raises(ValueError, match="vocab_size"):
         train_bpe(TEXTS, vocab_size=100)
 

@@ -116,3 +116,47 @@ def test_expert_utilisation_counts_real_tokens_only(tmp_path):
     report = expert_utilisation(config, saved, num_batches=1, batch_size=4)
     tokens = int(report.split("expert utilisation over ")[1].split(" ")[0].replace(",", ""))
     assert 0 < tokens < 16, report  # a few real tokens, not 4 x 32 padded positions
+
+
+def test_evaluation_without_held_out_data_is_an_error_not_nan(tmp_path, capsys):
+    """A mix with no validation split and no holdout_documents scores no token: run_evaluation says why
+    (exit 2) instead of printing NaN; analyze_model says utilisation was not measured."""
+    import json
+
+    from llm.utils.eval.analysis import expert_utilisation
+
+    _, _, saved = save_tiny_checkpoint(tmp_path / "run", 3)
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} " * 20}) for i in range(5)))
+    src = f"dataset_config.sources=[{{name: t, type: local, path: {tmp_path / 'train.jsonl'}}}]"
+    overrides = [arg for kv in [*TINY, src] for arg in ("--set", kv)]
+    code = load_helper_script("run_evaluation").main(
+        ["--checkpoint", str(saved), "--config", str(ROOT / "configs/tiny.yaml"), *overrides]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: dataset_config: no held-out tokens") and err.count("\n") == 1
+    config = load_config(ROOT / "configs/tiny.yaml", [*TINY, src])
+    assert expert_utilisation(config, saved, num_batches=2).startswith("expert utilisation: not measured")
+
+
+def test_evaluation_of_a_model_with_chunked_loss_equals_full_logits(tmp_path):
+    """The FoundationModel is scored through its own (chunked) loss, never the full fp32 logits; the
+    perplexity equals cross-entropy over its logits."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from llm.models.foundation import FoundationModel
+    from llm.utils.eval.perplexity import evaluate_perplexity
+
+    config = load_config(ROOT / "configs/tiny.yaml", [*TINY, "model_config.loss_chunk_tokens=16"])
+    torch.manual_seed(0)
+    model = FoundationModel(config.model_config)
+    ids = torch.randint(0, config.model_config.vocab_size, (2, 32))
+    labels = torch.roll(ids, -1, dims=1)
+    labels[1, 20:] = -100
+    got = evaluate_perplexity(model, [{"input_ids": ids, "labels": labels}], 1, torch.device("cpu"))
+    with torch.no_grad():
+        logits = model(ids)
+    want = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    assert got["tokens"] == 32 + 20 and math.isclose(got["loss"], float(want), rel_tol=1e-5)

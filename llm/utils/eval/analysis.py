@@ -122,7 +122,8 @@ def plot_report(report: ParameterReport, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    # an explicit format: without one, matplotlib appends ".png" to a suffix-less name we then misreport
+    fig.savefig(path, dpi=100, format=path.suffix[1:] or "png")
     plt.close(fig)
     return path
 
@@ -171,6 +172,10 @@ def expert_utilisation(config: Config, checkpoint: str | Path, num_batches: int 
     finally:
         for handle in handles:
             handle.remove()
+    if tokens == 0:
+        from llm.utils.eval.perplexity import NO_HELD_OUT_DATA
+
+        return f"expert utilisation: not measured: {NO_HELD_OUT_DATA}"
     lines = [
         f"expert utilisation over {tokens:,} validation tokens ({batches} batches of {batch_size}), all heads:",
         f"{'block':<8}{'experts used':>14}{'KL(usage || uniform)':>24}   hottest experts (id: share of selections)",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llm.models.foundation import FoundationModel
 from llm.training import distributed
 
 IGNORE_INDEX = -100
@@ -56,19 +57,30 @@ def evaluate_perplexity(
             doc_ids = batch.get("doc_ids")
             ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
             with ctx:
-                logits = model(ids, doc_ids=None if doc_ids is None else doc_ids.to(device))  # (B, T, V)
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            )
-            total += torch.tensor([float(loss), float((labels != IGNORE_INDEX).sum())], dtype=torch.float64)
+                loss_sum, tokens = _summed_cross_entropy(model, ids, labels, None if doc_ids is None else doc_ids.to(device))
+            total += torch.tensor([loss_sum, tokens], dtype=torch.float64)
     finally:
         model.train(was_training)
     loss_sum, tokens = distributed.all_reduce_sum(total).tolist()
     mean = loss_sum / tokens if tokens > 0 else math.nan
     return {"loss": mean, "perplexity": math.exp(mean) if tokens > 0 else math.nan, "tokens": int(tokens)}
+
+
+def _summed_cross_entropy(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, doc_ids: torch.Tensor | None) -> tuple[float, int]:
+    """(sum of next-token cross-entropies, tokens scored) of one batch.
+
+    A FoundationModel computes its loss inside forward, ``model_config.loss_chunk_tokens`` positions at a
+    time, so the (B, T, V) fp32 logits never exist (as in training; under FSDP the head's weights are
+    gathered by that forward); other models return logits."""
+    tokens = int((labels != IGNORE_INDEX).sum())
+    if isinstance(model, FoundationModel):
+        _, parts = model(ids, doc_ids=doc_ids, labels=labels)
+        return float(parts["ce"]) * tokens, tokens  # ce is the mean over the scored tokens
+    logits = model(ids, doc_ids=doc_ids)  # (B, T, V)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    return float(loss), tokens
 
 
 def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | None = None) -> dict[str, float]:
@@ -90,4 +102,14 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | 
     tokenizer = build_tokenizer(saved.dataset_config)
     val = build_val_loader(config.dataset_config, tokenizer, config.train_config.batch_size)
     dtype = autocast_dtype(config.train_config, device)
-    return evaluate_perplexity(model, val, batches or config.eval_config.eval_batches, device, dtype)
+    result = evaluate_perplexity(model, val, batches or config.eval_config.eval_batches, device, dtype)
+    if result["tokens"] == 0:
+        raise ValueError(NO_HELD_OUT_DATA)
+    return result
+
+
+# Why an evaluation scored nothing: said by run_evaluation (as its error) and by the trainer.
+NO_HELD_OUT_DATA = (
+    "dataset_config: no held-out tokens to evaluate on (no source has a validation_split or "
+    "holdout_documents, or min_chars/max_chars drop every validation document)"
+)
