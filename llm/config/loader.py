@@ -96,6 +96,8 @@ RETIRED_KEYS = {
 def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
     where = prefix or "config"
+    if data is None and prefix:  # a section whose keys are all commented out: its defaults
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {_show(data)}")
     hints = typing.get_type_hints(cls)

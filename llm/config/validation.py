@@ -241,6 +241,10 @@ def validate_data_source(src: DataSourceConfig, prefix: str) -> None:
     )  # fmt: skip
     require(src.holdout_documents >= 0, s + "holdout_documents", src.holdout_documents, "must be >= 0 (0 = off)")
     require(
+        not (src.holdout_documents and src.type == "embedded"), s + "holdout_documents", src.holdout_documents,
+        "must be 0 for an embedded source (it has its own validation split)",
+    )  # fmt: skip
+    require(
         not (src.holdout_documents and src.validation_split),
         s + "holdout_documents",
         src.holdout_documents,

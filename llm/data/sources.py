@@ -63,6 +63,11 @@ def load_mix(datasets_file: str, mix: str) -> list[DataSourceConfig]:
     if mix == "embedded" and not Path(datasets_file).is_file():
         # The default must work from any directory, even without configs/.
         return [DataSourceConfig(name="embedded", type="embedded")]
+    if not Path(datasets_file).is_file():
+        raise ConfigError(
+            f"dataset_config.datasets_file: {datasets_file!r} does not exist (a relative path is read from the "
+            f"working directory, {Path.cwd()})"
+        )
     mixes = read_yaml_mapping(datasets_file).get("mixes")
     if not isinstance(mixes, dict):
         raise ConfigError(f"{datasets_file}: needs a top-level 'mixes' mapping of mix name -> list of sources")

@@ -18,6 +18,7 @@ new one. Every ``.pt`` file is read with ``torch.load(weights_only=True)``: noth
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -396,6 +397,10 @@ class Checkpointer:
         if not newer or not self.info.is_main:
             return None
         dest = self.root / f"abandoned_after_{step_dir_name(step)}_{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in itertools.count(2):  # two rollbacks within one second: a second folder, not an error
+            if not dest.exists():
+                break
+            dest = dest.with_name(f"{dest.name.rsplit('.', 1)[0]}.{n}")
         dest.mkdir()
         for path in newer:
             os.replace(path, dest / path.name)

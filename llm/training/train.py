@@ -195,7 +195,9 @@ class Loop:
                 self.logger.log(self.tracker.collect(state.step, write_images=self.info.is_main), state.step)
             if self.config.eval_config.eval_interval and state.step % self.config.eval_config.eval_interval == 0:
                 self.evaluate(state.step)
-            if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0:
+            # Not while updates are being skipped for non-finite losses: such a checkpoint would resume
+            # into the same streak, and with few kept it could prune the last one from before it.
+            if tc.checkpoint_interval and state.step % tc.checkpoint_interval == 0 and state.consecutive_nonfinite == 0:
                 self.save(state)
             # Ranks agree on stopping through a deferred all-reduce (no host sync per step): a signal is
             # acted on DeferredVote.LAG steps later on every rank, well inside torchrun's 30 s grace period.
@@ -501,8 +503,11 @@ class StopSignals:
         self.received: str | None = None
         self.finishing = False  # training is over: the last checkpoint is written, evaluation runs
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked data-loader worker (a terminal's Ctrl-C reaches it too): the trainer stops it
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum).name
@@ -510,6 +515,7 @@ class StopSignals:
         print(f"received {self.received}: {then} (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopSignals:
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)

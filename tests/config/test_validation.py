@@ -44,6 +44,8 @@ BAD_OVERRIDES = [
     (["ablation_config.axes={heads: {two: {model_config.peer_config.num_headz: 2}}}"], "ablation_config.axes.heads.two"),
     (["eval_config.top_p=0"], "eval_config.top_p"),
     (["train_config.lr=.inf"], "train_config.lr: got inf; must be a finite number"),
+    (["dataset_config.sources=[{name: e, type: embedded, holdout_documents: 5}]"],
+     "sources[0].holdout_documents: got 5; must be 0 for an embedded source"),
     (["dataset_config.sources=[{path: a.jsonl, type: local, min_chars: 10, max_chars: 5}]"],
      "sources[0].max_chars: got 5; must be 0 (no limit) or >= min_chars=10"),
     (["eval_config.temperature=.inf"], "eval_config.temperature: got inf; must be a finite number"),
@@ -97,6 +99,21 @@ def test_empty_file_gives_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("")
     assert load_config(path) == load_config(None)
+
+
+def test_a_section_with_every_key_commented_out_gives_its_defaults(tmp_path):
+    path = tmp_path / "sections.yaml"
+    path.write_text("wandb_config:\n  # enabled: true\ntrain_config:\n  lr: 0.001\n")
+    config = load_config(path)
+    assert config.wandb_config == load_config(None).wandb_config and config.train_config.lr == 0.001
+
+
+def test_a_missing_datasets_file_names_the_field(tmp_path):
+    from llm.data.sources import resolve_sources
+
+    config = load_config(None, [f"dataset_config.datasets_file={tmp_path / 'nope.yaml'}", "dataset_config.mix=web"])
+    with pytest.raises(ConfigError, match=r"^dataset_config\.datasets_file: .*nope\.yaml' does not exist"):
+        resolve_sources(config.dataset_config)
 
 
 def test_override_into_scalar_is_error():

@@ -100,6 +100,9 @@ def test_evaluation_uses_the_checkpoints_tokenizer(tmp_path):
     assert evaluate_checkpoint(saved, with_other, batches=2) == evaluate_checkpoint(saved, base, batches=2)
     with pytest.raises(ValueError, match="--batches: got -1; must be >= 1"):
         evaluate_checkpoint(saved, base, batches=-1)
+    longer = load_config(ROOT / "configs/tiny.yaml", [*TINY, "model_config.max_seq_len=1024", "dataset_config.seq_len=1024"])
+    with pytest.raises(ValueError, match="seq_len: 1024 exceeds the checkpoint model's max_seq_len"):
+        evaluate_checkpoint(saved, longer, batches=1)
 
 
 def test_expert_utilisation_counts_real_tokens_only(tmp_path):

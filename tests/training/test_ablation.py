@@ -138,6 +138,12 @@ def test_runner_trains_each_run_in_its_folder_as_seen_now(tmp_path, monkeypatch)
     monkeypatch.setattr(ablation, "run_finished", lambda run_dir: True)
     ablation.Runner(study, Path("copied_study"), ["0"], say=lambda _: None).run()
     assert study.runs[0].status == "completed"
+    # A run that finished while the manifest still said "running" (the runner was killed before saving
+    # it) is recognised, not trained again.
+    launched.clear()
+    study.runs[0].status = "running"
+    ablation.Runner(study, Path("copied_study"), ["0"], say=lambda _: None).run()
+    assert launched == [] and study.runs[0].status == "completed"
 
 
 def test_runner_forwards_a_closed_terminal_to_its_trainers():

@@ -113,6 +113,20 @@ def test_rollback_sets_newer_checkpoints_and_the_log_aside(tmp_path):
     assert cp.set_aside_newer(4, []) is None
 
 
+def test_two_rollbacks_within_one_second_keep_both_abandoned_runs(tmp_path, monkeypatch):
+    model, opt = _trained()
+    cp = Checkpointer(tmp_path, keep_last=5)
+    monkeypatch.setattr(ckpt.time, "strftime", lambda fmt: "20261128-000000")
+    for _ in range(2):
+        for step in (1, 2, 3):
+            _save(cp, step, model, opt)
+        cp.set_aside_newer(1, [])
+    assert sorted(p.name for p in cp.root.glob("abandoned_*")) == [
+        "abandoned_after_step_00000001_20261128-000000",
+        "abandoned_after_step_00000001_20261128-000000.2",
+    ]
+
+
 def test_explicit_corrupt_or_incomplete_checkpoint_is_a_clear_error(tmp_path):
     model, opt = _trained()
     cp = Checkpointer(tmp_path)

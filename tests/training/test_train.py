@@ -108,7 +108,8 @@ def test_consecutive_nans_stop_cleanly_keeping_last_good_checkpoint(tiny_config,
     assert result.status == "nonfinite" and result.step == 6
     assert "3 consecutive non-finite losses at step 6" in capsys.readouterr().out
     cp = Checkpointer(config.train_config.output_dir)
-    assert [p.name for p in cp.complete()] == ["step_00000002", "step_00000004"]
+    # step 4's update was skipped (NaN): its interval checkpoint is not taken, the last good one stays
+    assert [p.name for p in cp.complete()] == ["step_00000002"]
     assert result.checkpoint == str(cp.latest())
     assert all(torch.isfinite(t).all() for t in load_model_weights(cp.latest()).values())
 
@@ -241,3 +242,17 @@ def test_a_run_that_fails_before_writing_leaves_no_empty_directory(tiny_config):
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         train_mod.train(config)
     assert not Path(config.train_config.output_dir).exists()
+
+
+def test_stop_signals_ignore_the_handler_inherited_by_forked_workers():
+    """Data-loader workers fork with the trainer's handler installed; a terminal's Ctrl-C reaches them too.
+    Only the trainer's process reacts (before, each worker printed its own 'received SIGINT')."""
+    import signal
+
+    with train_mod.StopSignals() as signals:
+        signals._pid = -1  # as seen from a forked child: another process installed the handler
+        signals._handle(signal.SIGINT, None)
+        assert signals.received is None
+        signals._pid = __import__("os").getpid()
+        signals._handle(signal.SIGTERM, None)
+        assert signals.received == "SIGTERM"

@@ -139,9 +139,11 @@ def expert_utilisation(config: Config, checkpoint: str | Path, num_batches: int 
     from llm.data import build_tokenizer, build_val_loader
     from llm.data.packing import IGNORE_INDEX
     from llm.models.hf_export import model_from_checkpoint
+    from llm.utils.eval.perplexity import check_context
     from llm.utils.experts.metrics import hottest, kl_from_uniform, usage_fraction
 
     saved, model = model_from_checkpoint(checkpoint)
+    check_context(saved, config)
     model.eval()
     peers = model.peer_modules()
     if not peers:

@@ -98,6 +98,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | 
 
     device = pick_device(config.train_config)
     saved, model = model_from_checkpoint(checkpoint_dir)
+    check_context(saved, config)
     model.to(device)
     tokenizer = build_tokenizer(saved.dataset_config)
     val = build_val_loader(config.dataset_config, tokenizer, config.train_config.batch_size)
@@ -106,6 +107,14 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, config: Any, batches: int | 
     if result["tokens"] == 0:
         raise ValueError(NO_HELD_OUT_DATA)
     return result
+
+
+def check_context(saved: Any, config: Any) -> None:
+    """The evaluation's windows (``config``'s seq_len) fit the checkpoint's model (``saved``'s config):
+    RoPE is computed on the fly, so longer windows would run and report a context the model never saw."""
+    seq_len, limit = config.dataset_config.seq_len, saved.model_config.max_seq_len
+    if seq_len > limit:
+        raise ValueError(f"dataset_config.seq_len: {seq_len} exceeds the checkpoint model's max_seq_len={limit}")
 
 
 # Why an evaluation scored nothing: said by run_evaluation (as its error) and by the trainer.
