@@ -214,6 +214,24 @@ def gpu_busy_ms(fn, steps=5) -> tuple[float, list[tuple[str, float]], list[tuple
     return sum(ms for _, ms in per_call), per_call, sorted(cpu, key=lambda r: -r[1])
 
 
+def sync_check(fn) -> str:
+    """One call under torch's sync debug mode: "no synchronising call", or the first one's message. A host
+    wait inside a step (e.g. a pageable host-to-device copy) makes every timing of it host-bound. The sparse
+    gradients' wait for R is an event wait, which this mode does not report (host_and_back_to_back_ms
+    times it apart)."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "no synchronising call"
+    except RuntimeError as exc:
+        return f"SYNC: {str(exc).splitlines()[0][:150]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+
+
 def host_and_back_to_back_ms(fn, steps=8) -> tuple[float, float, float]:
     """(host ms, GPU ms, R-wait ms) per call when calls are issued back to back, as in a training loop.
 
@@ -351,6 +369,7 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
         if name.startswith("ours (triton") or name == "PEER-pytorch":
             busy, kernels, cpu_ops = gpu_busy_ms(run)
             rows.append(Row(size, "layer fwd+bwd GPU busy", name, busy, note=f"{len(kernels)} distinct kernels"))
+            rows.append(Row(size, "layer fwd+bwd sync check", name, float("nan"), note=sync_check(run)))
             if profile_out:
                 with open(profile_out, "a") as f:
                     f.write(f"## {size} {name}: {busy:.3f} ms GPU busy per step\n")

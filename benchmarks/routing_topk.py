@@ -185,13 +185,16 @@ def main() -> None:
     ap.add_argument("--fused", default="64,64,4", help="fused-kernel launches to time: ';'-separated "
                     "block_t,block_n,warps ('' for none)")  # fmt: skip
     args = ap.parse_args()
+    configs = [tuple(int(v) for v in c.split(",")) for c in args.fused.split(";")] if args.fused else []
+    if any(len(c) != 3 for c in configs):  # checked before any GPU time is spent
+        ap.error(f"--fused: each launch is block_t,block_n,warps; got {args.fused!r}")
     print(torch.cuda.get_device_name())
     if not args.no_sweep:
         topk_sweep(32768, 1024, 16)
         topk_sweep(32768, 256, 16)
         merge_bench()
-    if args.fused:
-        fused_sweep([tuple(int(v) for v in c.split(",")) for c in args.fused.split(";")])
+    if configs:
+        fused_sweep(configs)
     check_routing_backward()
     sync_check()
     if args.profile_out:
