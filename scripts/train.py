@@ -7,7 +7,8 @@
     torchrun --nproc-per-node 2 scripts/train.py --config configs/tiny.yaml
 
 Exit status: 0 finished or interrupted (checkpoint saved), 1 stopped on non-finite losses,
-2 bad input (config, output directory, checkpoint) reported in one line.
+2 bad input (config, output directory, checkpoint) reported in one line, 3 a checkpoint could not be
+written (disk full, I/O error; the previous one is intact), reported in one line.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
 
-    from llm.training.checkpoint import CheckpointError
+    from llm.training.checkpoint import CheckpointError, CheckpointWriteError
     from llm.training.train import preflight, train
 
     try:
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             preflight(config, args.resume)
             return 0
         result = train(config, resume=args.resume)
+    except CheckpointWriteError as exc:  # not the input's fault: a separate status
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -73,6 +73,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable, or could not be written."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
+
+
 class CheckpointMismatchError(CheckpointError):
     """A readable checkpoint this run cannot continue (another world size): falling back to an older
     checkpoint would not help, so it is never skipped."""
@@ -310,7 +314,7 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()
             kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            raise CheckpointError(f"saving checkpoint {final} failed ({error or 'on another rank'}); {kept}")
+            raise CheckpointWriteError(f"saving checkpoint {final} failed ({error or 'on another rank'}); {kept}")
         if self.info.is_main:
             self._prune()
         distributed.barrier()

@@ -167,7 +167,7 @@ def test_disk_full_while_saving_keeps_previous(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt, "_torch_save", full)
-    with pytest.raises(CheckpointError, match=r"disk full.*step_00000001 is intact"):
+    with pytest.raises(ckpt.CheckpointWriteError, match=r"disk full.*step_00000001 is intact"):
         _save(cp, 2, model, opt)
     assert cp.complete() == [first] and not list(cp.root.glob(".tmp_*"))
     monkeypatch.undo()

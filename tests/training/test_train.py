@@ -256,3 +256,21 @@ def test_stop_signals_ignore_the_handler_inherited_by_forked_workers():
         signals._pid = __import__("os").getpid()
         signals._handle(signal.SIGTERM, None)
         assert signals.received == "SIGTERM"
+
+
+def test_a_checkpoint_that_cannot_be_written_exits_3(tiny_config, monkeypatch, capsys):
+    """Disk full is not bad input: its own exit status, one line, the previous checkpoint named intact."""
+    import importlib.util
+
+    from llm.training.checkpoint import CheckpointWriteError
+
+    def full(*args, **kwargs):
+        raise CheckpointWriteError("saving checkpoint x failed (disk full: ...); the previous checkpoint y is intact")
+
+    monkeypatch.setattr(train_mod, "train", full)
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--config", str(ROOT / "configs" / "tiny.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: saving checkpoint x failed") and err.count("\n") == 1
