@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true",
         help="check the config, output directory and tokenizer, then exit (train.sh runs it before torchrun)",
     )  # fmt: skip
+    parser.add_argument(
+        "--world-size", type=int, default=1, metavar="N",
+        help="with --check: the number of processes the run will have (train.sh passes nnodes x gpus-per-node)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
@@ -47,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(config), end="")
             return 0
         if args.check:
-            preflight(config, args.resume)
+            preflight(config, args.resume, args.world_size)
             return 0
         result = train(config, resume=args.resume)
     except CheckpointWriteError as exc:  # not the input's fault: a separate status

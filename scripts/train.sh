@@ -48,5 +48,5 @@ cmd=("$python" -m torch.distributed.run
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 if [[ "${DRY_RUN:-0}" == "1" ]]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
 # Bad input once, in one line, with exit 2 (under torchrun every rank would print it, then torchrun a traceback).
-"$python" "$here/train.py" --config "$config" "${passthrough[@]}" --check || exit $?
+"$python" "$here/train.py" --config "$config" "${passthrough[@]}" --check --world-size $((nnodes * gpus)) || exit $?
 exec "${cmd[@]}"

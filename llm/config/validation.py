@@ -35,12 +35,6 @@ def validate_config(config: Config) -> None:
     validate_eval_config(config.eval_config, "eval_config")
     validate_wandb_config(config.wandb_config, "wandb_config")
     validate_ablation_config(config.ablation_config, "ablation_config")
-    if config.train_config.distributed == "fsdp" and config.model_config.peer_config.table_optimizer == "sparse_adam":
-        # the row-sparse optimiser finds touched rows in whole (unsharded) tables; FSDP shards them
-        raise ConfigError(
-            "model_config.peer_config.table_optimizer: 'sparse_adam' needs unsharded expert tables; "
-            "use it with train_config.distributed: ddp, or table_optimizer: adamw with fsdp"
-        )
     seq_len = config.dataset_config.seq_len
     if seq_len > config.model_config.max_seq_len:
         raise ConfigError(
@@ -48,6 +42,11 @@ def validate_config(config: Config) -> None:
         )
 
 
+# Columns of an ablation study's results.csv besides the axes (llm/training/ablation_report.py).
+REPORT_COLUMNS = frozenset({
+    "rank", "run", "status", "val_loss", "val_perplexity", "val_step", "train_loss", "steps", "tokens",
+    "tokens_per_s", "params_total", "params_active", "wall_s", "error",
+})  # fmt: skip
 # Seeds: torch and numpy take any 64-bit value; the trainer adds the rank, so leave room below 2**63.
 MAX_SEED = 2**62
 
@@ -273,6 +272,10 @@ def validate_ablation_config(cfg: AblationConfig, prefix: str = "ablation_config
     require(cfg.tokens_per_run >= 0, f"{prefix}.tokens_per_run", cfg.tokens_per_run, "must be >= 0")
     require_choice(cfg.strategy, f"{prefix}.strategy", ["one_at_a_time", "grid"])
     for axis, variants in cfg.axes.items():
+        require(
+            axis not in REPORT_COLUMNS, f"{prefix}.axes", axis,
+            f"an axis may not be named like a column of the study's report ({', '.join(sorted(REPORT_COLUMNS))})",
+        )  # fmt: skip
         require(bool(variants), f"{prefix}.axes.{axis}", variants, "must list at least one variant")
         for variant, overrides in variants.items():
             for key in overrides:

@@ -40,7 +40,10 @@ def sample_next(
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shifted so the largest is 0 before dividing: a tiny temperature then gives -inf (and one 0), a
+    # one-hot distribution, instead of inf - inf = NaN.
+    logits = logits.float()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -81,7 +84,8 @@ def generate(
     Args:
         model: a ``FoundationModel``; it runs in eval mode here and gets its mode back after.
         prompt_ids: (B, T) int tensor, or B lists of token ids (lengths may differ; none empty).
-        max_new_tokens: tokens to sample per prompt; prompt length + this must fit ``max_seq_len``.
+        max_new_tokens: tokens to sample per prompt; prompt length + this - 1 (the last token sampled is
+            never fed back) must fit ``max_seq_len``.
         temperature, top_k, top_p: as in ``sample_next``.
         stop_ids: tokens that end a sequence; the stop token itself is not returned.
         use_cache: decode incrementally over the latent KV cache (else re-run the whole sequence).
@@ -90,6 +94,8 @@ def generate(
         B lists of new token ids, in prompt order.
     """
     check_sampling(temperature, top_k, top_p)
+    if torch.is_tensor(prompt_ids) and prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids: a (B, T) tensor or B lists of token ids; got a tensor of shape {tuple(prompt_ids.shape)}")
     prompts = [list(map(int, p)) for p in (prompt_ids.tolist() if torch.is_tensor(prompt_ids) else prompt_ids)]
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: got {max_new_tokens}; must be >= 0")
@@ -97,9 +103,9 @@ def generate(
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token (e.g. BOS)")
-        if len(p) + max_new_tokens > cfg.max_seq_len:
+        if len(p) + max_new_tokens - 1 > cfg.max_seq_len:  # the last new token is sampled, never fed back
             raise ValueError(
-                f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceed "
+                f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} - 1 exceed "
                 f"model_config.max_seq_len={cfg.max_seq_len}"
             )
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
@@ -132,7 +138,8 @@ def _generate_batch(
     if max_new_tokens == 0:
         return outputs
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=tokens.device)
-    caches = model.make_caches(batch, prompt_len + max_new_tokens) if use_cache else None
+    # positions fed: the prompt and every new token but the last
+    caches = model.make_caches(batch, prompt_len + max_new_tokens - 1) if use_cache else None
     logits = model(tokens, caches=caches)[:, -1]  # (B, V)
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     for step in range(max_new_tokens):

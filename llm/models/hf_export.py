@@ -157,6 +157,19 @@ def _legacy_rope_scaling(rope_parameters: dict) -> dict | None:
     return {"type": legacy["rope_type"], **legacy}
 
 
+def _max_position_embeddings(cfg: ModelConfig) -> int:
+    """max_seq_len, or with YaRN factor x original context (as DeepSeek-V3's config: 40 x 4096).
+
+    Some transformers 4.x releases (4.53 among them) derive YaRN's factor from max_position_embeddings /
+    original_max_position_embeddings instead of reading ``factor``; the two agree only like this (the
+    trained max_seq_len is then not in the export; rope is computed per position, so nothing needs it).
+    """
+    y = cfg.mla_config.yarn
+    if y.factor <= 1.0:
+        return cfg.max_seq_len
+    return round(y.factor * y.original_max_position_embeddings)
+
+
 def hf_config(model_config: ModelConfig) -> dict:
     """``config.json`` of the HF DeepseekV3 equivalent of an all-dense ``model_config``."""
     cfg = model_config
@@ -168,7 +181,7 @@ def hf_config(model_config: ModelConfig) -> dict:
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
-        "max_position_embeddings": cfg.max_seq_len,
+        "max_position_embeddings": _max_position_embeddings(cfg),
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,

@@ -6,6 +6,7 @@ Split from ``ablation.py`` (planning and running); this module only reads run fo
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,20 +39,29 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
 def summary_rows(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], str]:
     """One row per run, ranked (finished first, by the ranking metric); (rows, metric name).
 
-    The metric is the final held-out loss when every finished run has one, else the final train loss
-    (hub mixes without a validation split log no held-out loss).
+    The metric is the final held-out loss when a finished run has one (runs without one rank last),
+    else the final train loss (mixes without held-out data log none).
     """
     rows = []
     for run in study.runs:
         m = read_metrics(study_dir / run.name)
-        rows.append({"run": run.name, "status": run.status, **run.coords, **m, "params_total": run.params_total,
-                     "params_active": run.params_active, "wall_s": round(run.wall_s, 1), "error": run.error})  # fmt: skip
+        # the axes' coordinates last: an axis named like a metric column keeps its variant names
+        rows.append({"run": run.name, "status": run.status, **m, "params_total": run.params_total,
+                     "params_active": run.params_active, "wall_s": round(run.wall_s, 1), "error": run.error,
+                     **run.coords})  # fmt: skip
     done = [r for r in rows if r["status"] == "completed"]
-    metric = "val_loss" if done and all(r["val_loss"] is not None for r in done) else "train_loss"
-    ranked = sorted(done, key=lambda r: (r[metric] is None, r[metric] if r[metric] is not None else 0.0))
+    # Held-out loss when any finished run has one: a run without one (its loss went non-finite at the
+    # end, logged null) ranks last rather than switching the whole study to train loss, where its
+    # last finite logs, from before it diverged, could win.
+    metric = "val_loss" if any(_finite(r["val_loss"]) for r in done) else "train_loss"
+    ranked = sorted(done, key=lambda r: (not _finite(r[metric]), r[metric] if _finite(r[metric]) else 0.0))
     for i, row in enumerate(ranked):
         row["rank"] = i + 1
     return ranked + [r for r in rows if r["status"] != "completed"], metric
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def write_summary(study: Study, study_dir: Path) -> tuple[list[dict[str, Any]], str]:

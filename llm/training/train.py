@@ -88,6 +88,7 @@ class LossModule(nn.Module):
 def train(config: Config, resume: str | None = None) -> TrainResult:
     """Train ``config``; ``resume`` = None (fresh), 'latest' or a checkpoint/run folder."""
     tc, dc, mc = config.train_config, config.dataset_config, config.model_config
+    check_world_size(config, int(os.environ.get("WORLD_SIZE", "1")))  # torchrun's, before anything is written
     refuse_fresh_run_over_checkpoints(tc.output_dir, resume)
     created = not Path(tc.output_dir).exists()
     out = prepare_output_dir(tc.output_dir)
@@ -263,12 +264,16 @@ class Loop:
         result = evaluate_perplexity(
             self.model, val, self.config.eval_config.eval_batches, self.info.device, self.autocast_dtype
         )
-        if result["tokens"] == 0:  # nothing held out: say why (once) rather than log NaN
-            if not self.warned_no_val:
-                say(self.info, f"warning: {NO_HELD_OUT_DATA}; no held-out loss is reported")
-                self.warned_no_val = True
-            return result
-        self.logger.log({"val_loss": result["loss"], "val_perplexity": result["perplexity"]}, step)
+        if result["tokens"] == 0 and not self.warned_no_val:  # nothing held out: say why, once
+            say(self.info, f"warning: {NO_HELD_OUT_DATA}; no held-out loss is reported")
+            self.warned_no_val = True
+        # logged either way (null without held-out tokens): the record marks that the evaluation ran,
+        # which is how the ablation runner knows a run reached its end
+        scored = result["tokens"] > 0
+        self.logger.log(
+            {"val_loss": result["loss"] if scored else None, "val_perplexity": result["perplexity"] if scored else None},
+            step,
+        )
         return result
 
     def save(self, state: TrainState) -> Path:
@@ -339,13 +344,24 @@ def refuse_fresh_run_over_checkpoints(output_dir: str, resume: str | None) -> No
         )
 
 
-def preflight(config: Config, resume: str | None) -> None:
+def check_world_size(config: Config, world_size: int) -> None:
+    """Settings that only work in one process: the row-sparse table optimiser's sparse gradients are not
+    reduced by DDP (its reducer takes sparse gradients of nn.Embedding only) nor sharded by FSDP."""
+    if world_size > 1 and config.model_config.peer_config.table_optimizer == "sparse_adam":
+        raise ConfigError(
+            f"model_config.peer_config.table_optimizer: 'sparse_adam' runs in one process only (this run has "
+            f"{world_size}); use table_optimizer: adamw for distributed training"
+        )
+
+
+def preflight(config: Config, resume: str | None, world_size: int = 1) -> None:
     """The checks that need neither a process group nor a model (``scripts/train.py --check``, which
     ``scripts/train.sh`` runs once before torchrun, so a bad input is one line and exit 2 instead of one
     error per rank and torchrun's traceback): the output directory against ``resume``, the tokenizer
     (a hub tokenizer that cannot be had fails here) and the vocabulary size."""
     from llm.data import build_tokenizer
 
+    check_world_size(config, world_size)
     refuse_fresh_run_over_checkpoints(config.train_config.output_dir, resume)
     check_resume_target(config, resume)
     check_vocab(build_tokenizer(config.dataset_config).vocab_size, config.model_config)

@@ -51,8 +51,6 @@ BAD_OVERRIDES = [
     (["eval_config.temperature=.inf"], "eval_config.temperature: got inf; must be a finite number"),
     (["train_config.seed=4611686018427387904"], "train_config.seed: got 4611686018427387904; must be in [0, "),
     (["dataset_config.seed=-1"], "dataset_config.seed: got -1; must be in [0, "),
-    (["train_config.distributed=fsdp", "model_config.peer_config.table_optimizer=sparse_adam"],
-     "table_optimizer: 'sparse_adam' needs unsharded expert tables"),
 ]
 
 

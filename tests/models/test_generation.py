@@ -74,6 +74,8 @@ def test_sample_next_filters():
     assert set(sample_next(logits, 1.0, top_p=0.5, generator=g).tolist()) == {1}
     # high temperature flattens: every token appears
     assert set(sample_next(logits, 10.0, generator=g).tolist()) == {0, 1, 2, 3, 4}
+    # a tiny positive temperature is greedy, not NaN (logits / 1e-40 overflowed before)
+    assert set(sample_next(logits, 1e-40, generator=g).tolist()) == {1}
     # sampled frequencies follow the softmax
     freq = torch.bincount(sample_next(logits.repeat(10, 1), 1.0, generator=g), minlength=5).float() / 4000
     torch.testing.assert_close(freq, logits[0].softmax(-1), atol=0.03, rtol=0)
@@ -81,7 +83,12 @@ def test_sample_next_filters():
 
 def test_bad_arguments_raise(model):
     with pytest.raises(ValueError, match="max_seq_len=32"):
-        model.generate([[1] * 30], 3)
+        model.generate([[1] * 30], 4)
+    # the last sampled token is never fed back: 30 + 3 new tokens run 32 positions, which fit
+    assert len(model.generate([[1] * 30], 3, stop_ids=[])[0]) == 3
+    assert len(generate(model, [[1] * 30], 3, use_cache=False)[0]) == 3
+    with pytest.raises(ValueError, match=r"prompt_ids: .* shape \(3,\)"):
+        model.generate(torch.tensor([1, 2, 3]), 2)
     with pytest.raises(ValueError, match="temperature"):
         model.generate([[1]], 3, temperature=-1.0)
     with pytest.raises(ValueError, match="top_p"):

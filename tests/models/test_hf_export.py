@@ -58,13 +58,15 @@ def test_export_hf_logits_match_transformers(tmp_path, q_lora_rank, tied, yarn):
     cfg = tiny_config(peer_every_n=0, tie_embeddings=tied, max_seq_len=64)
     cfg.mla_config.q_lora_rank = q_lora_rank
     cfg.mla_config.rope_theta = 500.0
-    if yarn:  # positions past the original context, mscale != mscale_all_dim
-        cfg.mla_config.yarn = YarnConfig(factor=4.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=1.0)
+    if yarn:  # positions past the original context, mscale != mscale_all_dim; factor x original != max_seq_len
+        cfg.mla_config.yarn = YarnConfig(factor=2.0, original_max_position_embeddings=16, mscale=0.7, mscale_all_dim=1.0)
     model = FoundationModel(cfg).eval()
     export_hf(model, tmp_path)
     hf_config = json.loads((tmp_path / "config.json").read_text())
     assert hf_config["model_type"] == "deepseek_v3" and hf_config["first_k_dense_replace"] == cfg.num_layers
     assert (hf_config["rope_scaling"] is not None) == yarn
+    # transformers 4.x (e.g. 4.53) takes YaRN's factor as max_position_embeddings / original: keep them equal
+    assert hf_config["max_position_embeddings"] == (32 if yarn else 64)
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
     with torch.no_grad():
         ours = model(ids)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import PYTHON, ROOT, script_env, tiny_overrides
 
-from llm.config import load_config, validate_config
+from llm.config import ConfigError, load_config, validate_config
 from llm.training.ablation import (
     MANIFEST,
     AblationError,
@@ -246,6 +246,23 @@ def test_ranking_falls_back_to_train_loss_without_held_out_loss(tmp_path):
         Study("base.yaml", "one_at_a_time", {"x": ["a", "b"]}, {"x": "a"}, 0, runs=runs), tmp_path
     )
     assert metric == "train_loss" and [r["run"] for r in rows] == ["b", "a"] and rows[0]["train_loss"] == 2.5
+
+
+def test_a_run_without_a_final_held_out_loss_ranks_last_instead_of_switching_to_train_loss(tmp_path):
+    """A run whose loss went non-finite at the end logs val_loss null; its last finite train losses (from
+    before it diverged) must not make it the winner of a train-loss ranking."""
+    for name, val, train in (("a", 3.0, 3.2), ("b", 2.5, 2.9), ("diverged", None, 2.0)):
+        (tmp_path / name).mkdir()
+        records = [{"step": 2, "loss": train, "tokens": 20}, {"step": 2, "val_loss": val, "val_perplexity": None}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = [PlannedRun(n, {"x": n}, {}, status="completed") for n in ("a", "b", "diverged")]
+    rows, metric = summary_rows(Study("base.yaml", "one_at_a_time", {"x": ["a", "b", "diverged"]}, {"x": "a"}, 0, runs=runs), tmp_path)
+    assert metric == "val_loss" and [r["run"] for r in rows] == ["b", "a", "diverged"]
+
+
+def test_an_axis_named_like_a_report_column_is_refused():
+    with pytest.raises(ConfigError, match=r"ablation_config\.axes: got 'steps'; an axis may not be named like a column"):
+        load_config(None, ["ablation_config.axes={steps: {short: {train_config.max_steps: 2}}}"])
 
 
 # ----------------------------------------------------------------------------------------

@@ -203,6 +203,20 @@ def test_preflight_checks_the_resume_target(tiny_config):
     train_mod.preflight(config, str(Checkpointer(config.train_config.output_dir).latest()))
 
 
+def test_sparse_adam_is_refused_for_more_than_one_process(tiny_config, monkeypatch):
+    """DDP's reducer takes sparse gradients of nn.Embedding only and FSDP shards the tables: the row-sparse
+    optimiser would crash on the first backward; train.sh's preflight (told the world size) and train
+    itself (torchrun's WORLD_SIZE) refuse it in one line, before anything is written."""
+    config = tiny_config("model_config.peer_config.table_optimizer=sparse_adam", "train_config.max_steps=1")
+    train_mod.preflight(config, None, world_size=1)
+    with pytest.raises(ConfigError, match=r"table_optimizer: 'sparse_adam' runs in one process only \(this run has 2\)"):
+        train_mod.preflight(config, None, world_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="runs in one process only"):
+        train_mod.train(config)
+    assert not Path(config.train_config.output_dir).exists()
+
+
 def test_resuming_a_finished_run_does_not_rewrite_its_last_checkpoint(tiny_config, monkeypatch):
     """--resume on a run whose latest checkpoint is its last step evaluates and returns that checkpoint;
     saving it again would replace the folder (a rename pair that a crash could interrupt)."""
@@ -274,3 +288,24 @@ def test_a_checkpoint_that_cannot_be_written_exits_3(tiny_config, monkeypatch, c
     assert script.main(["--config", str(ROOT / "configs" / "tiny.yaml")]) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: saving checkpoint x failed") and err.count("\n") == 1
+
+
+def test_a_run_without_held_out_data_finishes_and_says_why(tiny_config, tmp_path, capsys):
+    """No source has a validation split: the final evaluation scores nothing. The run warns once, logs a
+    null held-out loss (so the ablation runner sees it reached its end) and completes."""
+    import json
+
+    from llm.training.ablation import run_finished
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": f"document {i} " + "word " * 40}) + "\n" for i in range(40)))
+    config = tiny_config(
+        "train_config.max_steps=2", "eval_config.sample_tokens=0",
+        f"dataset_config.sources=[{{name: t, type: local, path: {data}}}]",
+    )  # fmt: skip
+    result = train_mod.train(config)
+    out = capsys.readouterr().out
+    assert result.status == "completed" and result.val["tokens"] == 0
+    assert out.count("no held-out tokens") == 1 and "held-out loss nan" not in out
+    run_dir = Path(config.train_config.output_dir)
+    assert _records(run_dir)[-1]["val_loss"] is None and run_finished(run_dir)
