@@ -101,6 +101,11 @@ def row_adamw_reference_(p2d, rows, g2d, m2d, v2d, *, lr, beta1, beta2, eps, wei
 def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows (R,) int64, gradient rows (R, W)) of a sparse COO or dense gradient of shape (N, ...)."""
     if grad.is_sparse:
+        if grad.sparse_dim() != 1:  # rows of values must be whole parameter rows
+            raise ValueError(
+                f"RowSparseAdamW: a sparse gradient must be sparse in its first dimension only (sparse_dim 1), "
+                f"got sparse_dim {grad.sparse_dim()}"
+            )
         rows = grad._indices()[0]
         # Autograd drops the coalesced flag of the kernel's (sorted, distinct) rows; checking them is
         # one pass over R ints, where coalesce() would sort and copy all the (R, W) values.

@@ -103,6 +103,13 @@ def render_markdown(study: Study, rows: list[dict[str, Any]], metric: str) -> st
             f"Every run trains {format_count(study.tokens)} tokens"
             + (f", except {', '.join(own_length)}, whose axis sets the length." if own_length else ".")
         )
+    budgets = {r["run"]: r["tokens"] for r in done}
+    if len(set(budgets.values())) > 1:  # e.g. a batch-size axis with a length set in steps, or --tokens 0
+        out.append(
+            "Note: the ranked runs trained different numbers of tokens ("
+            + ", ".join(f"{run} {format_count(n)}" for run, n in budgets.items())
+            + "); a longer run's lower loss need not mean a better config."
+        )
     if done:
         best = done[0]
         changed = {k: v for r in study.runs if r.name == best["run"] for k, v in r.overrides.items()}

@@ -137,3 +137,14 @@ def test_state_dict_round_trip_continues_identically(state_dtype):
 def test_rejects_bad_hyperparameters(kwargs, key):
     with pytest.raises(ValueError, match=key):
         RowSparseAdamW([torch.nn.Parameter(torch.zeros(2, 2))], **kwargs)
+
+
+def test_a_gradient_sparse_in_every_dimension_is_refused():
+    """Only rows are sparse in the gradients the optimiser takes; a fully sparse COO tensor (to_sparse())
+    would otherwise reach the update with one value per 'row'."""
+    from llm.ops.row_sparse_adam import touched_rows
+
+    with pytest.raises(ValueError, match="sparse_dim 1"):
+        touched_rows(torch.eye(4).to_sparse())
+    rows, values = touched_rows(torch.eye(4).to_sparse(sparse_dim=1))
+    assert rows.tolist() == [0, 1, 2, 3] and values.shape == (4, 4)

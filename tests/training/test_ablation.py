@@ -260,6 +260,19 @@ def test_a_run_without_a_final_held_out_loss_ranks_last_instead_of_switching_to_
     assert metric == "val_loss" and [r["run"] for r in rows] == ["b", "a", "diverged"]
 
 
+def test_report_warns_when_ranked_runs_trained_different_token_counts(tmp_path):
+    from llm.training.ablation_report import render_markdown
+
+    for name, tokens in (("a", 100), ("b", 400)):
+        (tmp_path / name).mkdir()
+        records = [{"step": 2, "loss": 3.0, "tokens": tokens}, {"step": 2, "val_loss": 2.0, "val_perplexity": 7.4}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    runs = [PlannedRun(n, {"x": n}, {}, status="completed") for n in ("a", "b")]
+    study = Study("base.yaml", "one_at_a_time", {"x": ["a", "b"]}, {"x": "a"}, 0, runs=runs)
+    text = render_markdown(study, *summary_rows(study, tmp_path))
+    assert "the ranked runs trained different numbers of tokens (a 100, b 400)" in text
+
+
 def test_an_axis_named_like_a_report_column_is_refused():
     with pytest.raises(ConfigError, match=r"ablation_config\.axes: got 'steps'; an axis may not be named like a column"):
         load_config(None, ["ablation_config.axes={steps: {short: {train_config.max_steps: 2}}}"])
