@@ -162,12 +162,14 @@ class RowSparseAdamW(torch.optim.Optimizer):
         """torch casts loaded moments to each parameter's dtype; put them back in ``state_dtype`` so a
         resumed run keeps the moments' precision (and its updates) of the uninterrupted one."""
         super().load_state_dict(state_dict)
-        if self.state_dtype is None:
-            return
-        for state in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(self.state_dtype)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                # the dtype step() creates them in (bf16 parameters keep fp32 moments by default)
+                dtype = self.state_dtype or torch.promote_types(p.dtype, torch.float32)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state:
+                        state[key] = state[key].to(dtype)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -104,12 +104,19 @@ def test_kernel_sparse_grads_accumulated_twice_equal_the_dense_path():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["default", "bf16-moments"])
-def test_state_dict_round_trip_continues_identically(state_dtype):
-    """torch casts loaded moments to the parameter's dtype; bf16 moments must stay bf16 after a resume."""
+@pytest.mark.parametrize(
+    "state_dtype, param_dtype",
+    [(None, torch.float32), (torch.bfloat16, torch.float32), (None, torch.bfloat16)],
+    ids=["default", "bf16-moments", "bf16-params-fp32-moments"],
+)
+def test_state_dict_round_trip_continues_identically(state_dtype, param_dtype):
+    """torch casts loaded moments to the parameter's dtype; moments must come back in the dtype the
+    optimiser keeps them in (bf16 moments stay bf16; bf16 parameters keep fp32 moments)."""
     gen = torch.Generator().manual_seed(4)
-    grads = [sparse_rows(torch.tensor([0, 2]), torch.randn(2, 3, generator=gen), (4, 3)) for _ in range(3)]
-    p1 = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    grads = [
+        sparse_rows(torch.tensor([0, 2]), torch.randn(2, 3, generator=gen).to(param_dtype), (4, 3)) for _ in range(3)
+    ]
+    p1 = torch.nn.Parameter(torch.randn(4, 3, generator=gen).to(param_dtype))
     p2 = torch.nn.Parameter(p1.detach().clone())
     opt1 = RowSparseAdamW([p1], lr=1e-2, state_dtype=state_dtype)
     p1.grad = grads[0]
@@ -117,7 +124,7 @@ def test_state_dict_round_trip_continues_identically(state_dtype):
     opt2 = RowSparseAdamW([p2], lr=1e-2, state_dtype=state_dtype)
     p2.data.copy_(p1.detach())
     opt2.load_state_dict(copy.deepcopy(opt1.state_dict()))  # as a checkpoint would
-    assert opt2.state[p2]["exp_avg"].dtype == opt1.state[p1]["exp_avg"].dtype
+    assert opt2.state[p2]["exp_avg"].dtype == opt1.state[p1]["exp_avg"].dtype == (state_dtype or torch.float32)
     for g in grads[1:]:
         p1.grad, p2.grad = g, g.clone()
         opt1.step()
