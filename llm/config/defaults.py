@@ -36,6 +36,9 @@ class PEERConfig:
     table_lr_multiplier: float = 1.0  # learning-rate multiplier for the expert tables (public code uses 4-10)
     table_weight_decay: float = 0.0  # weight decay of the expert tables (dense layers' decay does not apply)
     table_optimizer: str = "adamw"  # adamw (dense update) | sparse_adam (row-sparse lazy update)
+    # sparse_adam's moments: float32, or bfloat16 (half the optimiser state and its traffic; 5.7 vs 8.1 ms
+    # per step at 1M x 1024 on an H100, benchmarks/RESULTS.md)
+    table_moment_dtype: str = "float32"
     kernel: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | triton | torch
     max_gather_mib: int = 256  # torch path: bound on one chunk's gathered (tokens, h, k, d) tensor, MiB
     log_expert_usage: bool = False  # count selections per expert (for tracking and W&B histograms)

@@ -111,6 +111,7 @@ def validate_peer_config(cfg: PEERConfig, prefix: str = "peer_config") -> None:
     require(cfg.table_lr_multiplier > 0, k + "table_lr_multiplier", cfg.table_lr_multiplier, "must be > 0")
     require(cfg.table_weight_decay >= 0, k + "table_weight_decay", cfg.table_weight_decay, "must be >= 0")
     require_choice(cfg.table_optimizer, k + "table_optimizer", ["adamw", "sparse_adam"])
+    require_choice(cfg.table_moment_dtype, k + "table_moment_dtype", ["float32", "bfloat16"])
     require_choice(cfg.kernel, k + "kernel", ["auto", "triton", "torch"])
     require(cfg.max_gather_mib >= 1, k + "max_gather_mib", cfg.max_gather_mib, "must be >= 1")
     require(cfg.log_freq >= 1, k + "log_freq", cfg.log_freq, "must be >= 1")

@@ -104,7 +104,9 @@ class OptimizerList:
             opt.load_state_dict(state[str(i)])
 
 
-def _sparse_table_optimizer(groups: list[dict[str, Any]], train_config: TrainConfig) -> torch.optim.Optimizer:
+def _sparse_table_optimizer(
+    groups: list[dict[str, Any]], train_config: TrainConfig, peer_config: PEERConfig
+) -> torch.optim.Optimizer:
     try:
         from llm.ops.row_sparse_adam import RowSparseAdamW
     except ImportError as exc:  # the kernels issue provides it; say so rather than silently using AdamW
@@ -113,8 +115,9 @@ def _sparse_table_optimizer(groups: list[dict[str, Any]], train_config: TrainCon
             f"(RowSparseAdamW), which could not be imported ({exc}); use 'adamw'"
         ) from None
     return RowSparseAdamW(
-        groups, lr=train_config.lr, betas=(train_config.beta1, train_config.beta2), eps=train_config.eps
-    )
+        groups, lr=train_config.lr, betas=(train_config.beta1, train_config.beta2), eps=train_config.eps,
+        state_dtype=getattr(torch, peer_config.table_moment_dtype),
+    )  # fmt: skip
 
 
 def build_optimizer(
@@ -145,7 +148,7 @@ def build_optimizer(
     if not sparse_groups:
         return adamw
     log.info("expert tables use the row-sparse Adam optimiser")
-    return OptimizerList([adamw, _sparse_table_optimizer(sparse_groups, train_config)])
+    return OptimizerList([adamw, _sparse_table_optimizer(sparse_groups, train_config, peer_config)])
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

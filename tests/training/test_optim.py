@@ -84,6 +84,16 @@ def test_sparse_adam_takes_the_tables_and_steps_with_adamw():
         fresh.load_state_dict({"0": state["0"]})
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_table_moment_dtype_sets_the_sparse_optimisers_moments(dtype):
+    model = Net()
+    opt = build_optimizer(TrainConfig(), model, PEERConfig(table_optimizer="sparse_adam", table_moment_dtype=dtype))
+    model.peer.u.grad = torch.zeros_like(model.peer.u)
+    model.peer.u.grad[3] = 1.0
+    opt.step()
+    assert opt.optimizers[1].state[model.peer.u]["exp_avg"].dtype == getattr(torch, dtype)
+
+
 def test_clip_grad_norm_dense_and_sparse_agree():
     a = nn.Parameter(torch.zeros(4, 3))
     b = nn.Parameter(torch.zeros(4, 3))
