@@ -168,9 +168,63 @@ def wrap_model(module: nn.Module, inner: nn.Module, train_config: TrainConfig, i
     # DDP broadcasts rank 0's buffers before every forward. PEER's usage counts are per-rank tallies that
     # the tracker sums with an all-reduce: broadcasting them would replace each rank's counts by rank 0's.
     local_tallies = [name for name, _ in module.named_buffers() if name.endswith("usage_counts")]
-    DDP._set_params_and_buffers_to_ignore_for_model(module, local_tallies)
+    # Row-sparse table gradients: DDP's reducer takes sparse gradients of nn.Embedding only, so those
+    # tables are left out of it and averaged by ``average_table_grads`` before the optimiser step.
+    tables = {id(p) for p in sparse_table_parameters(inner)}
+    sparse_tables = [name for name, p in module.named_parameters() if id(p) in tables]
+    DDP._set_params_and_buffers_to_ignore_for_model(module, local_tallies + sparse_tables)
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(module, device_ids=device_ids)
+
+
+def sparse_table_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The PEER expert tables that the row-sparse optimiser updates (``table_optimizer: sparse_adam``)."""
+    config = getattr(model, "config", None)
+    peer = getattr(config, "peer_config", None)
+    if peer is None or peer.table_optimizer != "sparse_adam" or not hasattr(model, "peer_modules"):
+        return []
+    return [p for _, layer in model.peer_modules() for p in layer.table_parameters()]
+
+
+def average_table_grads(params: list[nn.Parameter]) -> None:
+    """Average the tables' gradients over the ranks, as DDP does for every other parameter.
+
+    Dense gradients are all-reduced. Sparse (row) gradients are all-gathered: each rank's rows and values,
+    padded to the largest count (one all-gather of the counts first), concatenated in rank order and
+    divided by the world size; rows two ranks touched appear twice, which the optimiser's coalesce sums.
+    Every rank must hold a gradient of the same layout for each parameter (PEER tables always do). The
+    counts are read on the host: one wait per sparse table per step.
+    """
+    if not dist.is_initialized() or not params:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        grad = p.grad
+        if grad is None:
+            continue
+        if not grad.is_sparse:
+            dist.all_reduce(grad)
+            grad.div_(world)
+            continue
+        grad = grad.coalesce()
+        rows, values = grad._indices(), grad._values()  # (1, R), (R, ...)
+        count = torch.tensor([rows.shape[1]], device=rows.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        counts = [int(c) for c in counts]
+        most = max(counts)
+        pad = most - rows.shape[1]
+        rows = torch.cat([rows, rows.new_zeros(1, pad)], dim=1)
+        values = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
+        all_rows = [torch.empty_like(rows) for _ in range(world)]
+        all_values = [torch.empty_like(values) for _ in range(world)]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_values, values)
+        p.grad = torch.sparse_coo_tensor(
+            torch.cat([r[:, :n] for r, n in zip(all_rows, counts, strict=True)], dim=1),
+            torch.cat([v[:n] for v, n in zip(all_values, counts, strict=True)]) / world,
+            grad.shape,
+        )
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -169,6 +169,10 @@ class Loop:
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
         self.last_checkpoint: Path | None = None
         self.warned_no_val = False
+        # tables outside DDP's reducer (sparse_adam): averaged over the ranks by the loop itself
+        self.sparse_tables = distributed.sparse_table_parameters(model) if isinstance(
+            loss_module, nn.parallel.DistributedDataParallel
+        ) else []
 
     def run(self, state: TrainState, total_steps: int, signals: StopSignals) -> str:
         from llm.utils.eval.size import flops_per_token
@@ -218,6 +222,7 @@ class Loop:
                     loss, _ = self.loss_module(batch["input_ids"], batch["labels"], batch.get("doc_ids"))
                 (loss / accum).backward()
             total += loss.detach().float()
+        distributed.average_table_grads(self.sparse_tables)
         norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None], self.tc.grad_clip)
         grad_norm = float(norm)  # the step's one host sync: all ranks see the same all-reduced norm
         finite = math.isfinite(grad_norm)
@@ -345,12 +350,17 @@ def refuse_fresh_run_over_checkpoints(output_dir: str, resume: str | None) -> No
 
 
 def check_world_size(config: Config, world_size: int) -> None:
-    """Settings that only work in one process: the row-sparse table optimiser's sparse gradients are not
-    reduced by DDP (its reducer takes sparse gradients of nn.Embedding only) nor sharded by FSDP."""
-    if world_size > 1 and config.model_config.peer_config.table_optimizer == "sparse_adam":
+    """Settings that need a given process count: the row-sparse table optimiser finds touched rows in
+    whole tables, which FSDP shards (under DDP the loop averages the tables' row gradients itself)."""
+    if (
+        world_size > 1
+        and config.train_config.distributed == "fsdp"
+        and config.model_config.peer_config.table_optimizer == "sparse_adam"
+    ):
         raise ConfigError(
-            f"model_config.peer_config.table_optimizer: 'sparse_adam' runs in one process only (this run has "
-            f"{world_size}); use table_optimizer: adamw for distributed training"
+            f"model_config.peer_config.table_optimizer: 'sparse_adam' needs whole expert tables, which "
+            f"train_config.distributed: fsdp shards over this run's {world_size} processes; use distributed: ddp "
+            "or table_optimizer: adamw"
         )
 
 

@@ -24,6 +24,17 @@ def _recording_forward(self, input_ids, labels, doc_ids=None):
 
 
 train_mod.LossModule.forward = _recording_forward
+weights: dict[str, float] = {}
+_real_finish = train_mod.Loop.finish
+
+
+def _recording_finish(self, state, status):
+    # each rank's parameters at the end (before the final checkpoint): ranks must hold the same model
+    weights["sum"] = float(sum(p.detach().double().sum() for p in self.model.parameters() if not hasattr(p, "placements")))
+    return _real_finish(self, state, status)
+
+
+train_mod.Loop.finish = _recording_finish
 args = sys.argv[1:]
 resume = None
 if args[0] == "--resume":
@@ -32,4 +43,4 @@ config = load_config(args[0], args[1:])
 result = train_mod.train(config, resume=resume)
 out = Path(config.train_config.output_dir) / f"probe_rank{os.environ['RANK']}.json"
 out.write_text(json.dumps({"status": result.status, "step": result.step, "tokens": result.tokens, "sequences": seen,
-                           "perplexity": result.val.get("perplexity")}))  # fmt: skip
+                           "perplexity": result.val.get("perplexity"), "weight_sum": weights.get("sum")}))  # fmt: skip

@@ -20,15 +20,21 @@ def _torchrun(run, *extra, resume=()):
     return subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-sparse_adam"])
 def test_two_process_gloo_run(tmp_path, strategy):
     run = tmp_path / strategy
     # FSDP also runs the chunked LM-head loss: its recomputation in backward must see gathered head weights.
     chunked = ("model_config.loss_chunk_tokens=16",) if strategy == "fsdp" else ()
-    proc = _torchrun(run, f"train_config.distributed={strategy}", "train_config.checkpoint_interval=2", *chunked)
+    # sparse_adam: the tables are outside DDP's reducer, averaged by the loop (average_table_grads)
+    sparse = ("model_config.peer_config.table_optimizer=sparse_adam",) if strategy.endswith("sparse_adam") else ()
+    proc = _torchrun(
+        run, f"train_config.distributed={strategy.split('-')[0]}", "train_config.checkpoint_interval=2", *chunked, *sparse
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     probes = [json.loads((run / f"probe_rank{r}.json").read_text()) for r in (0, 1)]
     assert [p["status"] for p in probes] == ["completed", "completed"]
+    if strategy != "fsdp":  # replicated parameters: every rank holds the same model after the updates
+        assert probes[0]["weight_sum"] == probes[1]["weight_sum"]
     seqs = [{tuple(s) for s in p["sequences"]} for p in probes]
     assert len(seqs[0]) == len(seqs[1]) == 4 * 2  # 4 steps x batch 2, no repeats within a rank
     assert not seqs[0] & seqs[1]  # disjoint shards
@@ -54,6 +60,25 @@ def test_two_process_gloo_run(tmp_path, strategy):
         assert [(r["step"], r["loss"]) for r in redone if "loss" in r] == [
             (r["step"], r["loss"]) for r in train_records
         ]
+
+
+def test_table_gradients_are_averaged_over_ranks(tmp_path):
+    """sparse_adam under DDP: the tables are outside DDP's reducer; their row gradients (different rows
+    and counts per rank) are all-gathered and averaged, dense ones all-reduced, the same on every rank."""
+    import torch
+
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "training" / "sparse_grad_probe.py"), str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    want = torch.zeros(8, 2, 3)
+    for rank, rows in enumerate(([1, 4], [4, 5, 7])):
+        values = torch.arange(len(rows) * 6, dtype=torch.float32).view(-1, 2, 3) + 10 * rank
+        want.index_add_(0, torch.tensor(rows), values)
+    for g in got:
+        torch.testing.assert_close(g["sparse"], want / 2, rtol=0, atol=0)
+        torch.testing.assert_close(g["dense"], torch.full((3,), 1.5), rtol=0, atol=0)
 
 
 def test_unwrap_reaches_the_inner_module():

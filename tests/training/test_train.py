@@ -203,16 +203,18 @@ def test_preflight_checks_the_resume_target(tiny_config):
     train_mod.preflight(config, str(Checkpointer(config.train_config.output_dir).latest()))
 
 
-def test_sparse_adam_is_refused_for_more_than_one_process(tiny_config, monkeypatch):
-    """DDP's reducer takes sparse gradients of nn.Embedding only and FSDP shards the tables: the row-sparse
-    optimiser would crash on the first backward; train.sh's preflight (told the world size) and train
-    itself (torchrun's WORLD_SIZE) refuse it in one line, before anything is written."""
-    config = tiny_config("model_config.peer_config.table_optimizer=sparse_adam", "train_config.max_steps=1")
+def test_sparse_adam_with_fsdp_is_refused_for_more_than_one_process(tiny_config, monkeypatch):
+    """FSDP shards the tables the row-sparse optimiser updates whole (it crashed on the first step):
+    train.sh's preflight (told the world size) and train itself (torchrun's WORLD_SIZE) refuse it in one
+    line, before anything is written. DDP and single-process FSDP are fine."""
+    config = tiny_config("model_config.peer_config.table_optimizer=sparse_adam", "train_config.max_steps=1",
+                         "train_config.distributed=fsdp")  # fmt: skip
     train_mod.preflight(config, None, world_size=1)
-    with pytest.raises(ConfigError, match=r"table_optimizer: 'sparse_adam' runs in one process only \(this run has 2\)"):
+    train_mod.preflight(tiny_config("model_config.peer_config.table_optimizer=sparse_adam"), None, world_size=2)
+    with pytest.raises(ConfigError, match=r"table_optimizer: 'sparse_adam' needs whole expert tables, .* 2 processes"):
         train_mod.preflight(config, None, world_size=2)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="runs in one process only"):
+    with pytest.raises(ConfigError, match="needs whole expert tables"):
         train_mod.train(config)
     assert not Path(config.train_config.output_dir).exists()
 
