@@ -159,10 +159,11 @@ def _generate_batch(
 
 
 def prompt_token_ids(tokenizer, prompts: Sequence[str], add_bos: bool) -> list[list[int]]:
-    """Token ids of text prompts as training saw documents: BOS first when the data adds it; an empty
-    prompt starts from EOS, i.e. at the beginning of a new document."""
+    """Token ids of text prompts as training saw documents: BOS first when the data adds it. An empty
+    prompt is the start of a new document: BOS when the data adds it, else EOS (what precedes a document
+    in the packed stream)."""
     start = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
-    return [start + tokenizer.encode(p) if p else [tokenizer.eos_id] for p in prompts]
+    return [start + tokenizer.encode(p) if p or start else [tokenizer.eos_id] for p in prompts]
 
 
 def generate_text(

@@ -98,3 +98,15 @@ def test_bad_arguments_raise(model):
     with pytest.raises(ValueError, match="vocab_size"):
         model.generate([[99]], 3)
     assert model.generate([[1]], 0) == [[]]
+
+
+def test_prompt_token_ids_start_documents_as_training_did():
+    from llm.data.tokenizer import embedded_tokenizer
+    from llm.models.generation import prompt_token_ids
+
+    tok = embedded_tokenizer()
+    with_bos = prompt_token_ids(tok, ["", "a"], add_bos=True)
+    without = prompt_token_ids(tok, ["", "a"], add_bos=False)
+    if tok.bos_id is not None:
+        assert with_bos[0] == [tok.bos_id] and with_bos[1][0] == tok.bos_id  # an empty prompt: a new document
+    assert without[0] == [tok.eos_id] and without[1] == tok.encode("a")
