@@ -41,9 +41,13 @@ from llm.data.sources import (
 from llm.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
 @functools.cache
 def _warn_once(message: str) -> None:
     log.warning(message)
+
+
 STATE_VERSION = 1
 _ENCODE_CHUNK = 16  # documents tokenised per encode_batch call (Rust parallelises within a call)
 

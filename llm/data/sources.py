@@ -60,10 +60,9 @@ def load_mix(datasets_file: str, mix: str) -> list[DataSourceConfig]:
     from llm.config.loader import from_dict, read_yaml_mapping
     from llm.config.validation import validate_data_source
 
-    if mix == "embedded" and not Path(datasets_file).is_file():
-        # The default must work from any directory, even without configs/.
-        return [DataSourceConfig(name="embedded", type="embedded")]
     if not Path(datasets_file).is_file():
+        if mix == "embedded":  # the default must work from any directory, even without configs/
+            return [DataSourceConfig(name="embedded", type="embedded")]
         raise ConfigError(
             f"dataset_config.datasets_file: {datasets_file!r} does not exist (a relative path is read from the "
             f"working directory, {Path.cwd()})"

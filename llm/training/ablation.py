@@ -473,10 +473,11 @@ class Runner:
         self.procs: set[subprocess.Popen] = set()
 
     def run(self) -> None:
+        finished = {r.name for r in self.study.runs if run_finished(self.dir / r.name)}
         for r in self.study.runs:  # finished after the manifest was last saved (the runner was killed then)
-            if r.status != "completed" and run_finished(self.dir / r.name):
+            if r.name in finished and r.status != "completed":
                 r.status, r.error = "completed", ""
-        todo = [r for r in self.study.runs if not (r.status == "completed" and run_finished(self.dir / r.name))]
+        todo = [r for r in self.study.runs if r.name not in finished]
         self.say(f"{len(self.study.runs) - len(todo)} of {len(self.study.runs)} runs already finished")
         handlers = self._install_signals()
         try:

@@ -269,16 +269,14 @@ class Loop:
         result = evaluate_perplexity(
             self.model, val, self.config.eval_config.eval_batches, self.info.device, self.autocast_dtype
         )
-        if result["tokens"] == 0 and not self.warned_no_val:  # nothing held out: say why, once
+        scored = result["tokens"] > 0
+        if not scored and not self.warned_no_val:  # nothing held out: say why, once
             say(self.info, f"warning: {NO_HELD_OUT_DATA}; no held-out loss is reported")
             self.warned_no_val = True
         # logged either way (null without held-out tokens): the record marks that the evaluation ran,
         # which is how the ablation runner knows a run reached its end
-        scored = result["tokens"] > 0
-        self.logger.log(
-            {"val_loss": result["loss"] if scored else None, "val_perplexity": result["perplexity"] if scored else None},
-            step,
-        )
+        val = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        self.logger.log({k: v if scored else None for k, v in val.items()}, step)
         return result
 
     def save(self, state: TrainState) -> Path:
@@ -541,7 +539,6 @@ class StopSignals:
         print(f"received {self.received}: {then} (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> StopSignals:
-        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
