@@ -270,6 +270,27 @@ def host_and_back_to_back_ms(fn, steps=8) -> tuple[float, float, float]:
     return (host - waited[0]) * 1e3 / steps, start.elapsed_time(end) / steps, waited[0] * 1e3 / steps
 
 
+def host_profile(fn, steps=10, top=45) -> str:
+    """cProfile of ``steps`` calls: the host functions with the most own time (Triton's launcher, torch
+    ops' Python bindings, autograd), largest first. The sparse gradients' wait for R shows as an event
+    ``synchronize``."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def launch_overhead(rows, size, calls=300):
     """Host time per call (no sync, tiny inputs): one Triton launch through its JIT path, the forward
     launcher around it, and one small torch op, for scale."""
@@ -376,6 +397,7 @@ def run_layers(rows, size, peer_pytorch_dir, profile_out=""):
                     f.writelines(f"{ms:8.4f}  {key[:160]}\n" for key, ms in kernels)
                     f.write("### host: self CPU ms per step (under the profiler), calls per step, op\n")
                     f.writelines(f"{ms:8.4f} {n:4d}  {key[:120]}\n" for key, ms, n in cpu_ops)
+                    f.write(f"### host: cProfile of 10 steps\n{host_profile(run)}\n")
     # per variant and round: do_bench time, and (ours, PEER-pytorch) host issue time and back-to-back time
     times: dict[str, list[list[float]]] = {name: [] for name in runs}
     names = list(runs)

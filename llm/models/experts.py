@@ -30,6 +30,7 @@ from llm.config.defaults import PEERConfig
 from llm.config.validation import validate_peer_config
 from llm.models.product_keys import retrieve_topk, subkey_scores_from_queries
 from llm.ops.peer_experts import peer_experts
+from llm.ops.triton_query_norm import query_layer_norm
 
 # E[act(z)^2] for z ~ N(0, 1) (numerical integrals): the variance one active expert neuron contributes.
 _ACT_SECOND_MOMENT = {"gelu": 0.4252, "relu": 0.5, "silu": 0.3557}
@@ -128,10 +129,12 @@ class PEER(nn.Module):
         if isinstance(self.query_norm, nn.BatchNorm1d):
             q_TF = self.query_norm(q_TF)  # statistics over all T positions (see module docstring)
         q_THQ = q_TF.view(-1, H, Q)
-        if isinstance(self.query_norm, nn.LayerNorm):
-            q_THQ = self.query_norm(q_THQ)
         # Scores in >= fp32 even under bf16 autocast: bf16's 8-bit mantissa would tie many of the
         # sub-key scores and change which experts win (the einsums are small next to the experts).
+        # The LayerNorm writes fp32 itself (one fused kernel on CUDA, no bf16 rounding of the queries).
+        if isinstance(self.query_norm, nn.LayerNorm):
+            norm = self.query_norm
+            return query_layer_norm(q_THQ, norm.weight, norm.bias, norm.eps, self.config.kernel)
         return q_THQ.to(torch.promote_types(q_THQ.dtype, torch.float32))
 
     def _sub_keys(self, dtype: torch.dtype) -> list[Tensor]:

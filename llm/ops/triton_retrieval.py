@@ -60,13 +60,12 @@ MAX_FUSED_K = 16
 # Query widths of one part the dot accepts (tl.dot needs an inner size >= 16; powers of two keep the
 # tile unmasked).
 FUSED_PART_WIDTHS = (16, 32, 64, 128)
-# Launch defaults: tokens per program, sub-keys per chunk, warps. The fastest of the H100 sweeps in
-# benchmarks/RESULTS.md (T=4096, H=8, n=1024, q=64, k=16), taken with one kernel doing both parts and the
-# merge: 0.81 ms with the half-cleaner and a bitonic merge; (64, 32, 4) 0.81, (128, 64, 8) 0.92,
-# (64, 128, 4) 1.31, (32, 64, 4) 2.79 ms. The part and merge kernels have not been swept on their own;
-# the merge kernel uses BLOCK_T and NUM_WARPS too.
-BLOCK_T = 64
-BLOCK_N = 64
+# Launch defaults: tokens per program, sub-keys per chunk, warps (the merge kernel uses BLOCK_T and
+# NUM_WARPS too). The fastest of the H100 sweep of the two kernels in benchmarks/RESULTS.md (T=4096, H=8,
+# n=1024, q=64, k=16): (128, 32, 4) 0.566 ms; (64, 32, 4) 0.580, (64, 64, 4) 0.605, (32, 32, 2) 0.636,
+# (128, 64, 4) 0.819, (64, 64, 8) 1.126 ms.
+BLOCK_T = 128
+BLOCK_N = 32
 NUM_WARPS = 4
 # Score dots: three TF32 tensor-core products, ~fp32 accuracy (see the module docstring).
 PRECISION = "tf32x3"
