@@ -32,6 +32,7 @@ from llm.ops.triton_peer_routing import (
     MAX_FLAT_ID,
     merge_topk,
     segment_rows_triton,
+    stacked_rows_triton,
     weighted_gather_triton,
 )
 from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
@@ -181,36 +182,51 @@ class _ProductKeyRetrieval(torch.autograd.Function):
     def backward(ctx, dscores_THK: Tensor, _dids: Tensor | None):
         q_THQ, ids_THK, *sub_keys = ctx.saved_tensors
         T, H, K = ids_THK.shape
-        coords = unravel_ids(ids_THK, [keys.shape[-2] for keys in sub_keys])
         use_kernels = (
             ctx.use_kernels
             and kernel_applies(q_THQ)
             and all(t.dtype == torch.float32 for t in (q_THQ, *sub_keys))
         )
-        rows = []  # (T*H, K) per part: the row of its table, flattened to (H * n_p, q) for per-head sets
-        for keys, c_THK in zip(sub_keys, coords, strict=True):
-            if keys.dim() == 3:
-                c_THK = c_THK + torch.arange(H, device=c_THK.device).unsqueeze(-1) * keys.shape[-2]
-            rows.append(c_THK.reshape(T * H, K))
         q_RQ = q_THQ.detach().reshape(T * H, -1)  # (T*H, P*q)
+        w_RK = dscores_THK.reshape(T * H, K)
         with autocast_off(q_THQ.device.type):
-            backward = _routing_backward_kernels if use_kernels else _routing_backward_torch
-            dq_RQ, dkeys = backward(rows, dscores_THK.reshape(T * H, K), q_RQ, sub_keys, ctx.needs_input_grad)
+            if use_kernels:
+                dq_RQ, dkeys = _routing_backward_kernels(ids_THK, w_RK, q_RQ, sub_keys, ctx.needs_input_grad)
+            else:
+                dq_RQ, dkeys = _routing_backward_torch(_part_rows(ids_THK, sub_keys), w_RK, q_RQ, sub_keys, ctx.needs_input_grad)
         dq = dq_RQ.view(T, H, -1) if dq_RQ is not None else None
         return None, None, dq, *dkeys
 
 
-def _routing_backward_kernels(rows, w_RK, q_RQ, sub_keys, needs_input_grad):
+def _part_rows(ids_THK: Tensor, sub_keys: Sequence[Tensor]) -> list[Tensor]:
+    """(T*H, K) per part: each selected expert's row of that part's table, flattened to (H * n_p, q)
+    for per-head sets."""
+    T, H, K = ids_THK.shape
+    rows = []
+    for keys, c_THK in zip(sub_keys, unravel_ids(ids_THK, [keys.shape[-2] for keys in sub_keys]), strict=True):
+        if keys.dim() == 3:
+            c_THK = c_THK + torch.arange(H, device=c_THK.device).unsqueeze(-1) * keys.shape[-2]
+        rows.append(c_THK.reshape(T * H, K))
+    return rows
+
+
+def _routing_backward_kernels(ids_THK, w_RK, q_RQ, sub_keys, needs_input_grad):
     """Triton routing backward, every part in one launch per kernel (no host sync, no atomics).
 
     The parts' tables are stacked into one (sum of heights, q) table, part p's rows offset by the heights
-    before it: dq is one weighted gather, the sub-keys' gradient one sort and one segment reduction.
+    before it: dq is one weighted gather, the sub-keys' gradient one sort and one segment reduction. Two
+    parts (the fused retrieval's case) get their stacked rows from one kernel (``stacked_rows_triton``).
     """
     q = sub_keys[0].shape[-1]
     tables = [keys.detach().reshape(-1, q) for keys in sub_keys]
     heights = [t.shape[0] for t in tables]
-    offsets = [sum(heights[:p]) for p in range(len(heights))]
-    idx_PRK = torch.stack([r + off if off else r for r, off in zip(rows, offsets, strict=True)])
+    if len(sub_keys) == 2:
+        sizes = (sub_keys[0].shape[-2], sub_keys[1].shape[-2])
+        idx_PRK = stacked_rows_triton(ids_THK, sizes, (sub_keys[0].dim() == 3, sub_keys[1].dim() == 3))
+    else:
+        offsets = [sum(heights[:p]) for p in range(len(heights))]
+        rows = _part_rows(ids_THK, sub_keys)
+        idx_PRK = torch.stack([r + off if off else r for r, off in zip(rows, offsets, strict=True)])
     w_RK = w_RK.float().contiguous()
     dq_RQ = None
     if needs_input_grad[2]:

@@ -20,7 +20,8 @@ Backward, no atomics on the tables (GUIDE §4 "fast backward"):
           coefficients dpre (for du), dgpre (for dg) and score*hidden (for dv);
   sort the T*E sub-entries by table row (torch.sort), cut into segments of equal row;
   pass B, one program per touched row: du_r = sum dpre * x_t, dv_r = sum score*hidden * dout_t,
-          dg_r = sum dgpre * x_t over the row's segment, each row written exactly once.
+          dg_r = sum dgpre * x_t over the row's segment, each row written exactly once; one launch
+          reads x (du, dg), a second dout (dv), so each keeps a single source in L2.
 Table gradients are dense (zeros + row writes) or, with ``sparse_grad=True``, sparse COO tensors
 holding only the touched experts' rows (what ``llm/ops/row_sparse_adam.py`` consumes); zeroing the dense
 grads is a full write of each table, the largest piece of the dense-grad backward at N = 1024^2 (1.27 of
@@ -57,13 +58,16 @@ MAX_FUSED_DIM = 8192
 TILE_ELEMENTS = 16384
 
 # Pass B: entries of a row's segment loaded per step, and warps per program (one program per row).
-# Swept at the paper's size (segments of 1.27 entries on average): S=1/4 warps 0.68 ms, S=2 0.82,
-# S=4 0.95-1.08, 8 warps up to 8 ms (H200, benchmarks/RESULTS.md). On an H100 with uniform random
-# experts it takes 0.93 ms: per entry it reads a 2 KiB row of x and of dout (L2-resident) and per
-# touched row writes two 2 KiB gradient rows, ~3.8 GB through L2 in all. Programs taking 2-8 segments
-# at once (more bytes per dependent load) were slower, 0.97-2.5 ms (benchmarks/RESULTS.md).
+# Per entry it reads a 2 KiB row of x or dout and per touched row writes a 2 KiB gradient row per table.
+# Nsight Compute showed the earlier one-launch form (both tables, 4 warps: 0.912 ms at the paper's size,
+# uniform experts, H100) at 84.6 % of L2 and 76 % of DRAM throughput, with 0.64 GB more DRAM traffic
+# than its writes: source rows evicted by the gradient stream and fetched again. One launch per source
+# (8 MiB kept in L2 each) with eviction hints took 0.832 ms with 4 warps; the sweep then gave S=1: 2 warps
+# 0.686, 4 warps 0.878, 8 warps 1.424; S=2: 0.832 / 0.976 / 8.1 ms. Programs taking 2-8 segments at once,
+# or chunks of sorted entries with a segmented scan (168 registers, 17 % occupancy), were slower
+# (benchmarks/RESULTS.md).
 ROW_BLOCK_S = 1
-ROW_NUM_WARPS = 4
+ROW_NUM_WARPS = 2
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -217,27 +221,26 @@ def _peer_bwd_token_kernel(
 
 @triton.jit
 def _peer_bwd_row_kernel(
-    x_ptr,  # (T, D)
-    dout_ptr,  # (T, D)
+    src_ptr,  # (T, D): x (for du, and dg) or dout (for dv)
     perm_ptr,  # (T*E,) int64 sub-entry ids sorted by table row
     sorted_ptr,  # (T*E,) int32/int64 table row of each sorted entry
     seg_start_ptr,  # (grid + 1,) int64 segment starts into perm; padded with T*E past the last segment
     n,  # T*E
-    cu_ptr,  # (T*E,) fp32, in sorted order
-    cv_ptr,  # (T*E,) fp32, in sorted order
-    cg_ptr,  # (T*E,) fp32, in sorted order, or dummy
-    du_ptr,  # (N*M, D) dense grad of u, or (R, D) compact rows when SPARSE
-    dv_ptr,  # same as du
-    dg_ptr,  # same as du, or dummy
-    experts_ptr,  # (R // M,) int64 out: expert of each compact row group (SPARSE), or dummy
+    c_ptr,  # (T*E,) fp32 coefficient of src_t, in sorted order
+    c2_ptr,  # (T*E,) fp32 second coefficient of src_t (TWO: GLU's dg with x), or dummy
+    out_ptr,  # (N*M, D) dense gradient, or (R, D) compact rows when SPARSE
+    out2_ptr,  # same as out_ptr (TWO), or dummy
+    experts_ptr,  # (R // M,) int64 out: expert of each compact row group (SPARSE and EXPERTS), or dummy
     D,
     E,
     M: tl.constexpr,  # constexpr: the expert id divisions below compile to shifts (M = 1: nothing)
-    GLU: tl.constexpr,
+    TWO: tl.constexpr,
     SPARSE: tl.constexpr,
+    EXPERTS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """out_r = sum over row r's segment of c * src_t (and out2_r with c2), one program per row."""
     r = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     start = tl.load(seg_start_ptr + r)
@@ -247,38 +250,40 @@ def _peer_bwd_row_kernel(
     active = start < n
     mask_d = offs_d < tl.where(active, D, 0)
     row = tl.load(sorted_ptr + start, mask=active, other=0).to(tl.int64)  # the segment's table row
-    du = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     # The segment is summed in its sorted order, BLOCK_S entries at a time: a fixed order, so the
     # result is the same on every run. Coefficients were permuted into sorted order beforehand, so the
-    # loads of token ids and coefficients are contiguous and independent (one latency step, not two).
+    # loads of token ids and coefficients are contiguous and independent (one latency step, not two;
+    # gathering them here through the ids took 0.967 ms against 0.935 on an H100).
     for p0 in range(start, end, BLOCK_S):
         offs_p = p0 + tl.arange(0, BLOCK_S)
         mask_p = offs_p < end
         tok = tl.load(perm_ptr + offs_p, mask=mask_p, other=0) // E  # (BLOCK_S,) token of each entry
-        cu = tl.load(cu_ptr + offs_p, mask=mask_p, other=0.0)
-        cv = tl.load(cv_ptr + offs_p, mask=mask_p, other=0.0)
-        tile_off = tok[:, None] * D + offs_d[None, :]  # (BLOCK_S, BLOCK_D)
-        tile_mask = mask_p[:, None] & mask_d[None, :]
-        xt = tl.load(x_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
-        dt = tl.load(dout_ptr + tile_off, mask=tile_mask, other=0.0).to(tl.float32)
-        du += tl.sum(cu[:, None] * xt, axis=0)
-        dv += tl.sum(cv[:, None] * dt, axis=0)
-        if GLU:
-            cg = tl.load(cg_ptr + offs_p, mask=mask_p, other=0.0)
-            dg += tl.sum(cg[:, None] * xt, axis=0)
+        c = tl.load(c_ptr + offs_p, mask=mask_p, other=0.0)
+        # src (8 MiB at the paper's size) is read once per entry and should stay in L2 while the
+        # gradient rows stream past it: keep it, and let the written rows go first
+        rows = tl.load(
+            src_ptr + tok[:, None] * D + offs_d[None, :], mask=mask_p[:, None] & mask_d[None, :], other=0.0,
+            eviction_policy="evict_last",
+        ).to(tl.float32)  # fmt: skip
+        acc += tl.sum(c[:, None] * rows, axis=0)
+        if TWO:
+            c2 = tl.load(c2_ptr + offs_p, mask=mask_p, other=0.0)
+            acc2 += tl.sum(c2[:, None] * rows, axis=0)
     if SPARSE:
         dst = r
-        # compact rows come in whole experts (every unit of a touched expert is touched): the group's
-        # first row names the expert for the sparse gradient's indices
-        tl.store(experts_ptr + r // M, row // M, mask=active & (r % M == 0))
+        if EXPERTS:
+            # compact rows come in whole experts (every unit of a touched expert is touched): the
+            # group's first row names the expert for the sparse gradient's indices
+            tl.store(experts_ptr + r // M, row // M, mask=active & (r % M == 0))
     else:
         dst = row
-    tl.store(du_ptr + dst * D + offs_d, du.to(du_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(dv_ptr + dst * D + offs_d, dv.to(dv_ptr.dtype.element_ty), mask=mask_d)
-    if GLU:
-        tl.store(dg_ptr + dst * D + offs_d, dg.to(dg_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(out_ptr + dst * D + offs_d, acc.to(out_ptr.dtype.element_ty), mask=mask_d, eviction_policy="evict_first")
+    if TWO:
+        tl.store(
+            out2_ptr + dst * D + offs_d, acc2.to(out2_ptr.dtype.element_ty), mask=mask_d, eviction_policy="evict_first"
+        )
 
 
 # ----------------------------------------------------------------------------------------
@@ -432,15 +437,21 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables
     shape = (grid, D) if sparse_grad else (N * M, D)
     alloc = torch.empty if sparse_grad else torch.zeros  # dense: zeros plus one write per touched row
     grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
-    # the sparse gradient's expert ids, written by the kernel (dense: a dummy the kernel never touches)
+    # the sparse gradient's expert ids, written by the first launch (dense: a dummy the kernel never touches)
     experts = torch.empty(grid // M, device=x.device, dtype=torch.int64) if sparse_grad else perm
     block_d = triton.next_power_of_2(D)
     block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
-    if grid > 0:
+    # One launch per source: x -> du (and dg), then dout -> dv. Each keeps an 8 MiB source in L2 instead
+    # of 16 (see ROW_NUM_WARPS for the measurements).
+    launches = (
+        (x, coefs[0], coefs[2] if glu else coefs[0], grads[0], grads[2] if glu else grads[0], glu, True),
+        (dout, coefs[1], coefs[1], grads[1], grads[1], False, False),
+    )
+    for src, c, c2, out, out2, two, write_experts in launches if grid > 0 else ():
         _peer_bwd_row_kernel[(grid,)](
-            x, dout, perm, sorted_rows, seg_start, n, coefs[0], coefs[1], coefs[2] if glu else coefs[0],
-            grads[0], grads[1], grads[2] if glu else grads[0], experts,
-            D, E, M=M, GLU=glu, SPARSE=sparse_grad, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
+            src, perm, sorted_rows, seg_start, n, c, c2, out, out2, experts, D, E,
+            M=M, TWO=two, SPARSE=sparse_grad, EXPERTS=write_experts, BLOCK_S=block_s, BLOCK_D=block_d,
+            num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
     if not sparse_grad:
         return tuple(gr.view(N, M, D) if gr is not None else None for gr in grads)

@@ -186,7 +186,8 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         acc = tl.zeros((BLOCK_R, BLOCK_Q), dtype=tl.float32)
         for j in tl.static_range(K):  # fixed order over the k slots: deterministic sums
-            idx = tl.load(idx_ptr + (part * R + rows64) * K + j, mask=row_ok, other=0)
+            # int64 before the offset math: the rows come as narrow sort keys (int16 / int32)
+            idx = tl.load(idx_ptr + (part * R + rows64) * K + j, mask=row_ok, other=0).to(tl.int64)
             w = tl.load(w_ptr + rows64 * K + j, mask=row_ok, other=0.0)
             t = tl.load(table_ptr + idx[:, None] * Q + cols[None, :], mask=mask, other=0.0)
             acc += w[:, None] * t
@@ -236,6 +237,30 @@ if triton is not None:
         tl.store(out_ptr + (split * n + c) * Q + cols, tl.sum(acc, axis=0), mask=mask_q)
 
 
+    @triton.jit
+    def _stacked_rows_kernel(
+        ids_ptr,  # (T*H*K,) int64 flat expert ids c0 * n1 + c1, entry e = (t * H + h) * K + slot
+        out_ptr,  # (2, T*H*K) out, the key dtype: rows of the stacked (height0 + height1, q) table
+        n,
+        n1,
+        height0,
+        H,
+        K,
+        head_rows0,  # n0 with one sub-key set per head (head h's rows start at h * n0), else 0
+        head_rows1,  # n1 likewise
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        ids = tl.load(ids_ptr + offs, mask=ok, other=0)
+        c0 = ids // n1
+        head = (offs // K) % H
+        row0 = c0 + head * head_rows0
+        row1 = height0 + ids - c0 * n1 + head * head_rows1
+        tl.store(out_ptr + offs, row0.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + n + offs, row1.to(out_ptr.dtype.element_ty), mask=ok)
+
+
 # Gathered elements per program of the routing backward kernels (rows x Q fp32 values).
 _ROUTING_BWD_TILE = 4096
 # Programs per table row in the sub-key gradient: at the paper's size 1024 rows x ~512 entries each,
@@ -269,15 +294,41 @@ def weighted_gather_triton(idx_PRK: Tensor, w_RK: Tensor, table_nQ: Tensor, out_
     return out_RX
 
 
+def segment_key_dtype(n: int) -> torch.dtype:
+    """The narrowest integer dtype holding rows of a table of height n: int16 where n fits, which cuts
+    the radix sort's passes."""
+    return torch.int16 if n < 2**15 else torch.int32 if n < 2**31 else torch.int64
+
+
+def stacked_rows_triton(ids_THK: Tensor, sizes: tuple[int, int], per_head: tuple[bool, bool]) -> Tensor:
+    """Two-part flat ids (T, H, K) -> (2, T*H, K) rows of the stacked sub-key table (part 0's rows, then
+    part 1's; a part with one sub-key set per head stacks them by head), in ``segment_key_dtype``.
+
+    One launch for what ``unravel_ids``, the per-head offsets, the part offset, a stack and the cast to
+    sort keys took five to seven.
+    """
+    T, H, K = ids_THK.shape
+    n = T * H * K
+    (n0, n1), heads = sizes, [H if ph else 1 for ph in per_head]
+    height0 = n0 * heads[0]
+    out = torch.empty(2, T * H, K, device=ids_THK.device, dtype=segment_key_dtype(height0 + n1 * heads[1]))
+    if n > 0:
+        _stacked_rows_kernel[(triton.cdiv(n, 1024),)](
+            ids_THK.contiguous(), out, n, n1, height0, H, K, n0 if per_head[0] else 0, n1 if per_head[1] else 0,
+            BLOCK=1024, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
 def sort_segments(idx_RK: Tensor, n: int, stable: bool = True) -> tuple[Tensor, Tensor]:
     """Entries (their flat positions in idx) grouped by table row: (perm (numel,) int64, seg (n + 1,)
     int64 boundaries).
 
     No host sync: the number of segments is the table height n, known in advance, so ``searchsorted``
-    of the sorted rows against 0..n gives every boundary (empty rows get empty segments). Narrow keys
-    (int16 where n fits) cut the radix sort's passes.
+    of the sorted rows against 0..n gives every boundary (empty rows get empty segments). Keys in
+    ``segment_key_dtype(n)`` (no copy when idx already is).
     """
-    key_dtype = torch.int16 if n < 2**15 else torch.int32 if n < 2**31 else torch.int64
+    key_dtype = segment_key_dtype(n)
     keys = idx_RK.reshape(-1).to(key_dtype)
     sorted_keys, perm = torch.sort(keys, stable=stable)
     seg = torch.searchsorted(sorted_keys, torch.arange(n + 1, device=keys.device, dtype=key_dtype))

@@ -164,15 +164,17 @@ def test_retrieve_topk_through_the_fused_kernel(monkeypatch):
 
 @pytest.mark.skipif(triton_retrieval.triton is None, reason="triton is not installed")
 @pytest.mark.parametrize("layout", ["shared", "per-head", "mixed"])
-def test_routing_backward_kernels_equal_the_torch_backward(monkeypatch, layout):
+@pytest.mark.parametrize("sizes", [[6, 4, 5], [6, 5]], ids=["3parts", "2parts"])
+def test_routing_backward_kernels_equal_the_torch_backward(monkeypatch, layout, sizes):
     """The Triton routing backward (all parts stacked into one table: one gather, one sort, one segment
     reduction; forced here on the interpreter's CPU tensors) gives the torch backward's gradients, for
-    three parts of different sizes (shared, per-head, or mixed sub-key sets), with and without a gradient
-    for the queries, and with a gradient for one part only."""
+    parts of different sizes (shared, per-head, or mixed sub-key sets; two parts get their stacked rows
+    from their own kernel), with and without a gradient for the queries, and with a gradient for one part
+    only."""
     gen = torch.Generator().manual_seed(11)
-    sizes, T, H, q, k = [6, 4, 5], 7, 2, 4, 5
+    T, H, q, k = 7, 2, 4, 5
     q_THQ = torch.randn(T, H, q * len(sizes), generator=gen).to(KERNEL_DEVICE).requires_grad_()
-    per_head = {"shared": [False] * 3, "per-head": [True] * 3, "mixed": [False, True, False]}[layout]
+    per_head = {"shared": [False] * 3, "per-head": [True] * 3, "mixed": [False, True, False]}[layout][: len(sizes)]
     keys = [
         torch.randn(*((H,) if ph else ()), n, q, generator=gen).to(KERNEL_DEVICE).requires_grad_()
         for n, ph in zip(sizes, per_head, strict=True)
@@ -184,7 +186,7 @@ def test_routing_backward_kernels_equal_the_torch_backward(monkeypatch, layout):
         scores, _ = retrieve_topk(q_THQ, keys, k)
         grads[use_kernels] = torch.autograd.grad((scores * weight).sum(), [q_THQ, *keys])
         keys_only = torch.autograd.grad((retrieve_topk(q_THQ.detach(), keys, k)[0] * weight).sum(), keys)
-        only_1 = [keys[0].detach(), keys[1], keys[2].detach()]  # parts 0 and 2 need no gradient
+        only_1 = [keys[0].detach(), keys[1], *(t.detach() for t in keys[2:])]  # only part 1 needs a gradient
         one_part = torch.autograd.grad((retrieve_topk(q_THQ.detach(), only_1, k)[0] * weight).sum(), keys[1])
         for g, w in zip([*keys_only, *one_part], [*grads[use_kernels][1:], grads[use_kernels][2]], strict=True):
             torch.testing.assert_close(g, w)
