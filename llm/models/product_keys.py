@@ -39,7 +39,7 @@ from llm.ops.triton_retrieval import fused_retrieval, fused_retrieval_applies
 from llm.ops.triton_topk import kernel_applies, topk, topk_positions, topk_positions_reference
 
 # Two-part retrieval on CUDA runs as fused kernels (scores and per-part top-k in one, the merge over the
-# pairs that can reach the top k in a second; see llm/ops/triton_retrieval.py): 0.60 vs 1.29 ms for the
+# pairs that can reach the top k in a second; see llm/ops/triton_retrieval.py): 0.57 vs 1.29 ms for the
 # unfused kernels at the paper's size on an H100 (benchmarks/RESULTS.md). Benchmarks turn it off to compare.
 FUSED_RETRIEVAL = True
 
