@@ -167,7 +167,7 @@ if triton is not None:
 
     @triton.jit
     def _weighted_gather_kernel(
-        idx_ptr,  # (P, R, K) int64 rows of the stacked table
+        idx_ptr,  # (P, R, K) rows of the stacked table (any integer dtype: narrow sort keys too)
         w_ptr,  # (R, K) fp32 weights, shared by the parts
         table_ptr,  # (n, Q) fp32, unit column stride
         out_ptr,  # (R, P*Q) fp32 out (part p in columns p*Q ..), row stride `stride_out`

@@ -21,6 +21,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 try:  # Triton is an optional dependency (the dev extra, or a CUDA install of torch).
     import triton
@@ -32,6 +33,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
 MAX_FUSED_WIDTH = 4096
 # Elements of one program's (BLOCK_R, BLOCK_Q) tile: 32 rows of 128 at the paper's size, 1024 programs.
 _TILE_ELEMENTS = 4096
+# Most backward programs, each writing one partial weight/bias gradient (2 x Q fp32): bounds that buffer
+# (1 MiB at Q = 128) when rows are many or wide; programs then loop over several row blocks.
+_MAX_PARTIALS = 1024
 
 
 def query_layer_norm_reference(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -90,6 +94,7 @@ if triton is not None:
         part_ptr,  # (2, Q, programs) fp32 out: column pid = this program's rows' sums of dy * xhat, of dy
         R,
         Q,
+        blocks,  # cdiv(R, BLOCK_R) row blocks, program pid taking pid, pid + programs, ...
         programs,
         HAS_W: tl.constexpr,
         PARTIALS: tl.constexpr,
@@ -97,39 +102,48 @@ if triton is not None:
         BLOCK_Q: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_Q)
-        row_ok = rows < R
         col_ok = cols < Q
-        mask = row_ok[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * Q + cols[None, :]
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        wdy = dy
         if HAS_W:
-            wdy = dy * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # d xhat -> dx through the mean and the variance: dx = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))
-        c1 = tl.sum(xhat * wdy, axis=1) / Q
-        c2 = tl.sum(wdy, axis=1) / Q
-        dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+        for block in range(pid, blocks, programs):  # a fixed order per program: deterministic partials
+            rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+            row_ok = rows < R
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * Q + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            wdy = dy
+            if HAS_W:
+                wdy = dy * w[None, :]
+            # d xhat -> dx through the mean and the variance: rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy))
+            c1 = tl.sum(xhat * wdy, axis=1) / Q
+            c2 = tl.sum(wdy, axis=1) / Q
+            dx = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            if PARTIALS:
+                dw += tl.sum(dy * xhat, axis=0)
+                db += tl.sum(dy, axis=0)
         if PARTIALS:
-            tl.store(part_ptr + cols * programs + pid, tl.sum(dy * xhat, axis=0), mask=col_ok)
-            tl.store(part_ptr + (Q + cols) * programs + pid, tl.sum(dy, axis=0), mask=col_ok)
+            col_offs = cols.to(tl.int64) * programs + pid
+            tl.store(part_ptr + col_offs, dw, mask=col_ok)
+            tl.store(part_ptr + Q * programs + col_offs, db, mask=col_ok)
 
 
-def _launch(Q: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_Q, warps) for rows of width Q."""
+def _launch(Q: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_Q) for rows of width Q (4 warps: one tile is _TILE_ELEMENTS elements)."""
     block_q = triton.next_power_of_2(Q)
-    block_r = max(1, _TILE_ELEMENTS // block_q)
-    return block_r, block_q, 4 if block_r * block_q <= 4096 else 8
+    return max(1, _TILE_ELEMENTS // block_q), block_q
 
 
 class _QueryLayerNorm(torch.autograd.Function):
-    """y (R, Q) fp32 = LayerNorm(x (R, Q)); saves x, mean and rstd (R fp32 each)."""
+    """y (R, Q) fp32 = LayerNorm(x (R, Q)); saves x (in its dtype), the weight, and mean and rstd (R fp32
+    each). Differentiable once (the backward kernels build no graph)."""
 
     @staticmethod
     def forward(ctx, x_RQ: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -137,24 +151,26 @@ class _QueryLayerNorm(torch.autograd.Function):
         y = torch.empty(R, Q, device=x_RQ.device, dtype=torch.float32)
         mean = torch.empty(R, device=x_RQ.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        block_r, block_q, warps = _launch(Q)
+        block_r, block_q = _launch(Q)
         if R > 0:
             _norm_fwd_kernel[(triton.cdiv(R, block_r),)](
                 x_RQ, weight if weight is not None else y, bias if bias is not None else y, y, mean, rstd,
                 R, Q, eps, HAS_W=weight is not None, HAS_B=bias is not None,
-                BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=warps,
+                BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=4,
             )  # fmt: skip
         ctx.save_for_backward(x_RQ, weight, mean, rstd)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy_RQ: Tensor):
         x_RQ, weight, mean, rstd = ctx.saved_tensors
         R, Q = x_RQ.shape
         dy_RQ = dy_RQ.float().contiguous()
-        block_r, block_q, warps = _launch(Q)
-        programs = triton.cdiv(R, block_r)
+        block_r, block_q = _launch(Q)
+        blocks = triton.cdiv(R, block_r)
+        programs = max(1, min(blocks, _MAX_PARTIALS))
         dx = torch.empty_like(x_RQ)
         partials = any(ctx.needs_input_grad[1:3])
         # (2, Q, programs) partial sums of the weight's and the bias's gradient, every program writing its
@@ -163,8 +179,8 @@ class _QueryLayerNorm(torch.autograd.Function):
         parts = torch.empty(2, Q, programs if partials else 0, device=x_RQ.device, dtype=torch.float32)
         if R > 0:
             _norm_bwd_kernel[(programs,)](
-                x_RQ, weight if weight is not None else dy_RQ, dy_RQ, mean, rstd, dx, parts, R, Q, programs,
-                HAS_W=weight is not None, PARTIALS=partials, BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=warps,
+                x_RQ, weight if weight is not None else dy_RQ, dy_RQ, mean, rstd, dx, parts, R, Q, blocks, programs,
+                HAS_W=weight is not None, PARTIALS=partials, BLOCK_R=block_r, BLOCK_Q=block_q, num_warps=4,
             )  # fmt: skip
         sums = parts.sum(2) if partials else None
         dw = sums[0].to(weight.dtype) if ctx.needs_input_grad[1] else None
