@@ -415,14 +415,17 @@ def touched_row_count(indices: torch.Tensor, num_experts: int, M: int) -> torch.
     return count if M == 1 else count * M
 
 
-def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables, num_rows=None):
+def peer_backward_rows(
+    dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables, num_rows=None, needs=(True, True, True)
+):
     """Pass B (row-major): each touched row's gradient reduced over its segment and written once.
 
     cu, cv, cg: (T, E) fp32 coefficients from pass A (cg None without g); perm, sorted_rows, seg_start
     from ``sort_rows``; tables: (u, v, g-or-None), each (N, M, D); num_rows: None for dense gradients,
-    or R for sparse ones (``sort_rows`` must have been given the same R). Returns (du, dv, dg): dense
-    (N, M, D) tensors of zeros plus the written rows (no host sync: the grid is the upper bound T*E), or
-    sparse COO tensors of the R // M touched experts' (M, D) rows.
+    or R for sparse ones (``sort_rows`` must have been given the same R); needs: which of (u, v, g) want a
+    gradient. Returns (du, dv, dg), None where not wanted: dense (N, M, D) tensors of zeros plus the
+    written rows (no host sync: the grid is the upper bound T*E), or sparse COO tensors of the R // M
+    touched experts' (M, D) rows.
     """
     T, D = x.shape
     N, M, _ = tables[0].shape
@@ -431,26 +434,29 @@ def peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, tables
     sparse_grad = num_rows is not None
     if sparse_grad and seg_start.numel() != num_rows + 1:  # compact rows need exactly R segments
         raise ValueError(f"peer_backward_rows: {seg_start.numel() - 1} segments for R={num_rows} touched rows")
-    glu = tables[2] is not None
-    coefs = [c.view(-1)[perm] if c is not None else None for c in (cu, cv, cg)]  # (T*E,) in sorted order
+    wanted = [tab is not None and need for tab, need in zip(tables, needs, strict=True)]
+    # (T*E,) coefficients in sorted order, for the wanted tables only
+    coefs = [c.view(-1)[perm] if want else None for c, want in zip((cu, cv, cg), wanted, strict=True)]
     grid = seg_start.numel() - 1  # R (sparse) or T*E (dense)
     shape = (grid, D) if sparse_grad else (N * M, D)
     alloc = torch.empty if sparse_grad else torch.zeros  # dense: zeros plus one write per touched row
-    grads = [alloc(shape, device=x.device, dtype=tab.dtype) if tab is not None else None for tab in tables]
+    grads = [
+        alloc(shape, device=x.device, dtype=tab.dtype) if want else None
+        for tab, want in zip(tables, wanted, strict=True)
+    ]
     # the sparse gradient's expert ids, written by the first launch (dense: a dummy the kernel never touches)
     experts = torch.empty(grid // M, device=x.device, dtype=torch.int64) if sparse_grad else perm
     block_d = triton.next_power_of_2(D)
     block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
-    # One launch per source: x -> du (and dg), then dout -> dv. Each keeps an 8 MiB source in L2 instead
-    # of 16 (see ROW_NUM_WARPS for the measurements).
-    launches = (
-        (x, coefs[0], coefs[2] if glu else coefs[0], grads[0], grads[2] if glu else grads[0], glu, True),
-        (dout, coefs[1], coefs[1], grads[1], grads[1], False, False),
-    )
-    for src, c, c2, out, out2, two, write_experts in launches if grid > 0 else ():
+    # One launch per source: x -> du and/or dg, then dout -> dv (each only if wanted). Each keeps an 8 MiB
+    # source in L2 instead of 16 (see ROW_NUM_WARPS for the measurements).
+    by_source = [(x, [(coefs[i], grads[i]) for i in (0, 2) if wanted[i]]), (dout, [(coefs[1], grads[1])] if wanted[1] else [])]
+    launches = [(src, pairs) for src, pairs in by_source if pairs and grid > 0]
+    for i, (src, pairs) in enumerate(launches):
+        (c, out), (c2, out2) = pairs[0], pairs[-1]
         _peer_bwd_row_kernel[(grid,)](
             src, perm, sorted_rows, seg_start, n, c, c2, out, out2, experts, D, E,
-            M=M, TWO=two, SPARSE=sparse_grad, EXPERTS=write_experts, BLOCK_S=block_s, BLOCK_D=block_d,
+            M=M, TWO=len(pairs) == 2, SPARSE=sparse_grad, EXPERTS=i == 0, BLOCK_S=block_s, BLOCK_D=block_d,
             num_warps=ROW_NUM_WARPS,
         )  # fmt: skip
     if not sparse_grad:
@@ -504,7 +510,9 @@ class PEERExpertsFunction(torch.autograd.Function):
                 row_count = ctx.row_count or RowCount(touched_row_count(indices, u.shape[0], M))
                 num_rows = row_count.get()
             perm, sorted_rows, seg_start = sort_rows(indices, M, u.shape[0], ctx.deterministic, num_rows)
-            du, dv, dg = peer_backward_rows(dout, x, cu, cv, cg, perm, sorted_rows, seg_start, (u, v, g), num_rows)
+            du, dv, dg = peer_backward_rows(
+                dout, x, cu, cv, cg, perm, sorted_rows, seg_start, (u, v, g), num_rows, ctx.needs_input_grad[3:6]
+            )
         return dx, None, dscores, du, dv, dg, None, None, None, None
 
 

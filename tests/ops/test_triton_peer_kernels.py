@@ -132,29 +132,35 @@ def test_forward_row_count_equals_the_sorts_count(M):
 
 @pytest.mark.parametrize(
     "T,which,deterministic",
-    [(5, "all", True), (5, "v only", False), (0, "all", False)],
-    ids=["deterministic", "only-v-needs-grad", "no-tokens"],
+    [(5, (0, 1, 2), True), (5, (1,), False), (5, (2,), False), (5, (0, 2), False), (0, (0, 1, 2), False)],
+    ids=["deterministic", "only-v-needs-grad", "only-g-needs-grad", "u-and-g", "no-tokens"],
 )
 def test_sparse_grads_edge_cases_equal_dense_grads(T, which, deterministic):
-    """Sparse table gradients equal the dense ones with a stable sort, when only one table needs a
-    gradient (the others get none), and with no tokens at all (empty gradients of the right shape)."""
+    """Sparse table gradients equal the dense ones with a stable sort, when only some tables need a
+    gradient (the others get none: pass B skips their launch, and the expert ids come from whichever
+    launch runs first), and with no tokens at all (empty gradients of the right shape)."""
     H, K, N, M, D = 2, 2, 9, 2, 20
     x, indices, scores, tables, dout = make_inputs(max(T, 1), H, K, N, M, D, True, "repeats", torch.float32)
     x, indices, scores, dout = x[:T], indices[:T], scores[:T], dout[:T]
     grads = {}
     for sparse in (False, True):
-        leaves = [t.detach().clone().requires_grad_(which == "all" or i == 1) for i, t in enumerate(tables)]
+        leaves = [t.detach().clone().requires_grad_(i in which) for i, t in enumerate(tables)]
         out = peer_experts_triton(
             x, indices, scores, leaves[0], leaves[1], "gelu", g=leaves[2], deterministic=deterministic,
             sparse_grad=sparse,
         )  # fmt: skip
         out.backward(dout)
         grads[sparse] = [t.grad for t in leaves]
-    for dense, sparse in zip(grads[False], grads[True], strict=True):
-        assert (dense is None) == (sparse is None)
+    for i, (dense, sparse) in enumerate(zip(grads[False], grads[True], strict=True)):
+        assert (dense is None) == (sparse is None) == (i not in which)
         if dense is not None:
             assert sparse.is_sparse and sparse.shape == dense.shape
             assert torch.equal(sparse.to_dense(), dense)
+    refs = [t.detach().clone().requires_grad_(i in which) for i, t in enumerate(tables)]
+    peer_experts_reference(x, indices, scores, refs[0], refs[1], "gelu", g=refs[2]).backward(dout)
+    for got, ref in zip(grads[False], refs, strict=True):
+        if got is not None:
+            assert_close("table grad", got, ref.grad, TOLERANCE[torch.float32])
 
 
 def test_row_count_is_taken_only_when_a_backward_will_need_it(monkeypatch):
