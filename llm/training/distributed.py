@@ -190,30 +190,33 @@ def average_table_grads(params: list[nn.Parameter]) -> None:
     """Average the tables' gradients over the ranks, as DDP does for every other parameter.
 
     Dense gradients are all-reduced. Sparse (row) gradients are all-gathered: each rank's rows and values,
-    padded to the largest count (one all-gather of the counts first), concatenated in rank order and
-    divided by the world size; rows two ranks touched appear twice, which the optimiser's coalesce sums.
-    Every rank must hold a gradient of the same layout for each parameter (PEER tables always do). The
-    counts are read on the host: one wait per sparse table per step.
+    padded to the largest count, concatenated in rank order and divided by the world size; rows two ranks
+    touched appear twice, which the optimiser's coalesce sums. The row counts of every sparse table go in
+    one all-gather, read on the host once per step (not once per table). Every rank must hold a gradient
+    of the same layout for each parameter (PEER tables always do).
     """
     if not dist.is_initialized() or not params:
         return
     world = dist.get_world_size()
+    sparse = []
     for p in params:
-        grad = p.grad
-        if grad is None:
+        if p.grad is None:
             continue
-        if not grad.is_sparse:
-            dist.all_reduce(grad)
-            grad.div_(world)
-            continue
-        grad = grad.coalesce()
+        if p.grad.is_sparse:
+            sparse.append((p, p.grad.coalesce()))
+        else:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+    if not sparse:
+        return
+    nnz = torch.tensor([grad._nnz() for _, grad in sparse], device=sparse[0][1].device)
+    gathered = [torch.zeros_like(nnz) for _ in range(world)]
+    dist.all_gather(gathered, nnz)
+    counts_by_rank = torch.stack(gathered).tolist()  # (world, tables): the step's one host wait
+    for table, (p, grad) in enumerate(sparse):
+        counts = [per_rank[table] for per_rank in counts_by_rank]
         rows, values = grad._indices(), grad._values()  # (1, R), (R, ...)
-        count = torch.tensor([rows.shape[1]], device=rows.device)
-        counts = [torch.zeros_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        counts = [int(c) for c in counts]
-        most = max(counts)
-        pad = most - rows.shape[1]
+        pad = max(counts) - rows.shape[1]
         rows = torch.cat([rows, rows.new_zeros(1, pad)], dim=1)
         values = torch.cat([values, values.new_zeros(pad, *values.shape[1:])])
         all_rows = [torch.empty_like(rows) for _ in range(world)]

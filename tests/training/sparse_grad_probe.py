@@ -22,8 +22,16 @@ rows = [torch.tensor([1, 4]), torch.tensor([4, 5, 7])][rank]
 values = torch.arange(rows.numel() * 6, dtype=torch.float32).view(-1, 2, 3) + 10 * rank
 sparse = torch.nn.Parameter(torch.zeros(8, 2, 3))
 sparse.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (8, 2, 3))
+# a second sparse table, the counts the other way round (rank 0 three rows, rank 1 one): one all-gather
+# carries both tables' counts
+rows2 = [torch.tensor([0, 2, 3]), torch.tensor([2])][rank]
+second = torch.nn.Parameter(torch.zeros(4, 3))
+second.grad = torch.sparse_coo_tensor(rows2.unsqueeze(0), torch.ones(rows2.numel(), 3) * (rank + 1), (4, 3))
 dense = torch.nn.Parameter(torch.zeros(3))
 dense.grad = torch.full((3,), float(rank + 1))
-average_table_grads([sparse, dense])
-torch.save({"sparse": sparse.grad.to_dense(), "dense": dense.grad}, out / f"rank{os.environ['RANK']}.pt")
+average_table_grads([sparse, dense, second])
+torch.save(
+    {"sparse": sparse.grad.to_dense(), "dense": dense.grad, "second": second.grad.to_dense()},
+    out / f"rank{os.environ['RANK']}.pt",
+)
 dist.destroy_process_group()

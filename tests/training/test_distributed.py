@@ -64,7 +64,8 @@ def test_two_process_gloo_run(tmp_path, strategy):
 
 def test_table_gradients_are_averaged_over_ranks(tmp_path):
     """sparse_adam under DDP: the tables are outside DDP's reducer; their row gradients (different rows
-    and counts per rank) are all-gathered and averaged, dense ones all-reduced, the same on every rank."""
+    and counts per rank, two tables whose counts share one all-gather) are all-gathered and averaged,
+    dense ones all-reduced, the same on every rank."""
     import torch
 
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -76,9 +77,13 @@ def test_table_gradients_are_averaged_over_ranks(tmp_path):
     for rank, rows in enumerate(([1, 4], [4, 5, 7])):
         values = torch.arange(len(rows) * 6, dtype=torch.float32).view(-1, 2, 3) + 10 * rank
         want.index_add_(0, torch.tensor(rows), values)
+    second = torch.zeros(4, 3)
+    second[[0, 3]] = 0.5  # rank 0 only (ones / 2)
+    second[2] = 1.5  # rank 0 (ones) and rank 1 (twos), averaged
     for g in got:
         torch.testing.assert_close(g["sparse"], want / 2, rtol=0, atol=0)
         torch.testing.assert_close(g["dense"], torch.full((3,), 1.5), rtol=0, atol=0)
+        torch.testing.assert_close(g["second"], second, rtol=0, atol=0)
 
 
 def test_unwrap_reaches_the_inner_module():
