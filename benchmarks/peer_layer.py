@@ -487,7 +487,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="sweep the forward's tile size and warps")
     ap.add_argument("--peer-pytorch", default="", help="folder holding a fetched PEER_pytorch package")
     ap.add_argument("--out", default="", help="append one JSON line per measurement to this file")
-    ap.add_argument("--profile-out", default="", help="append each layer's per-kernel GPU times to this file")
+    ap.add_argument("--profile-out", default="", help="append each layer's per-kernel GPU times, host ops and a cProfile of its host side to this file")
     args = ap.parse_args(argv)
     parts = args.only.split(",")
     rows: list[Row] = []
