@@ -61,11 +61,11 @@ TILE_ELEMENTS = 16384
 # Per entry it reads a 2 KiB row of x or dout and per touched row writes a 2 KiB gradient row per table.
 # Nsight Compute showed the earlier one-launch form (both tables, 4 warps: 0.912 ms at the paper's size,
 # uniform experts, H100) at 84.6 % of L2 and 76 % of DRAM throughput, with 0.64 GB more DRAM traffic
-# than its writes: source rows evicted by the gradient stream and fetched again. One launch per source
-# (8 MiB kept in L2 each) with eviction hints took 0.832 ms with 4 warps; the sweep then gave S=1: 2 warps
-# 0.686, 4 warps 0.878, 8 warps 1.424; S=2: 0.832 / 0.976 / 8.1 ms. Programs taking 2-8 segments at once,
-# or chunks of sorted entries with a segmented scan (168 registers, 17 % occupancy), were slower
-# (benchmarks/RESULTS.md).
+# than its writes: most likely source rows evicted by the gradient stream and fetched again. One launch
+# per source keeps 8 MiB in L2 instead of 16. Swept with the coefficient gathers (0.936 ms for the
+# one-launch form): S=1: 2 warps 0.686, 4 warps 0.878, 8 warps 1.424; S=2: 0.832 / 0.976 / 8.1 ms.
+# Programs taking 2-8 segments at once, or chunks of sorted entries with a segmented scan (168 registers,
+# 17 % occupancy), were slower (benchmarks/RESULTS.md).
 ROW_BLOCK_S = 1
 ROW_NUM_WARPS = 2
 

@@ -174,8 +174,8 @@ class _QueryLayerNorm(torch.autograd.Function):
         dx = torch.empty_like(x_RQ)
         partials = any(ctx.needs_input_grad[1:3])
         # (2, Q, programs) partial sums of the weight's and the bias's gradient, every program writing its
-        # column, then one sum along the contiguous dim (column sums of a (programs, Q) layout, one per
-        # parameter, took 0.019 ms at the paper's size on an H100)
+        # column, then one sum along the contiguous dim (0.004 ms at the paper's size on an H100; column
+        # sums of a (programs, Q) layout, one per parameter, took about 0.014)
         parts = torch.empty(2, Q, programs if partials else 0, device=x_RQ.device, dtype=torch.float32)
         if R > 0:
             _norm_bwd_kernel[(programs,)](
