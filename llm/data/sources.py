@@ -419,6 +419,9 @@ def has_split(src: DataSourceConfig, split: str) -> bool:
     return split == "train" or src.type == "embedded" or bool(src.validation_split) or src.holdout_documents > 0
 
 
+_DONE = object()  # end of a source's stream (None is a bad record)
+
+
 def validation_texts(sources: list[DataSourceConfig], seed: int = 0, only: str | None = None) -> Iterator[tuple[int, str | None]]:
     """(source index, text or None for a bad record) of every source's validation split, one document
     from each source in turn (a source that runs out drops out): an evaluation capped at ``eval_batches``
@@ -436,5 +439,3 @@ def validation_texts(sources: list[DataSourceConfig], seed: int = 0, only: str |
             else:
                 yield i, text
 
-
-_DONE = object()  # end of a source's stream (None is a bad record)

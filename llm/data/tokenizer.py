@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llm.config.defaults import DatasetConfig
 from llm.data.embedded import embedded_documents
+from llm.data.sources import hub_offline  # HF_HUB_OFFLINE or HF_DATASETS_OFFLINE: either means no network
 
 SPECIAL_TOKENS = ("<|eos|>", "<|bos|>", "<|pad|>")  # ids 0, 1, 2 in tokenizers trained here
 EMBEDDED_VOCAB_SIZE = 512  # the embedded tokenizer's vocabulary (configs/tiny.yaml's vocab_size)
@@ -104,13 +105,6 @@ def embedded_tokenizer() -> Tokenizer:
     return tok
 
 
-def _offline() -> bool:
-    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE: the project treats either as "no network" (as hub sources do)."""
-    from llm.data.sources import hub_offline
-
-    return hub_offline()
-
-
 def _role_ids(backend, directory: Path | None) -> tuple[int, int, int]:
     """EOS, BOS, PAD ids: from ``special_tokens.json`` or ``tokenizer_config.json`` beside the file, else by name."""
     if directory is not None and (directory / "special_tokens.json").is_file():
@@ -160,7 +154,7 @@ def load_hub_tokenizer(name: str) -> Tokenizer:
     """A hub repository's ``tokenizer.json`` (from the local cache when HF_HUB_OFFLINE=1)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    if _offline():
+    if hub_offline():
         cached = try_to_load_from_cache(name, "tokenizer.json")
         if not isinstance(cached, str):
             raise ValueError(
@@ -176,7 +170,7 @@ def load_hub_tokenizer(name: str) -> Tokenizer:
             raise ValueError(f"dataset_config.tokenizer: cannot download tokenizer.json of {name!r}: {e}") from e
     for extra in ("tokenizer_config.json",):
         try:
-            hf_hub_download(name, extra, local_files_only=_offline())
+            hf_hub_download(name, extra, local_files_only=hub_offline())
         except Exception:  # optional file: role ids then come from token names
             pass
     tok = load_tokenizer_file(file)

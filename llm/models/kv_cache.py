@@ -7,7 +7,8 @@ bf16), against ``2 * H * head_dim`` for multi-head attention.
 Storage is ``kv (num_blocks, 64, 1, L + R)`` with ``block_table (B, blocks_per_seq)`` int32; the middle 1
 is FlashMLA's kv-head axis. Blocks are allocated contiguously per sequence, so ``latent()`` is a free view
 of sequence b's tokens; the block table exists for paged kernels (FlashMLA, the Triton decode kernel).
-``append()`` and ``latent()`` assume that contiguous layout: a caller must not remap blocks. All sequences of a batch share one length (prefill pads, then decode steps together).
+``append()`` and ``latent()`` assume that contiguous layout: a caller must not remap blocks. All sequences
+of a batch share one length (prefill pads, then decode steps together).
 """
 
 from __future__ import annotations

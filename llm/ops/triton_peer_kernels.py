@@ -450,7 +450,10 @@ def peer_backward_rows(
     block_s = max(1, min(ROW_BLOCK_S, TILE_ELEMENTS // block_d))
     # One launch per source: x -> du and/or dg, then dout -> dv (each only if wanted). Each keeps an 8 MiB
     # source in L2 instead of 16 (see ROW_NUM_WARPS for the measurements).
-    by_source = [(x, [(coefs[i], grads[i]) for i in (0, 2) if wanted[i]]), (dout, [(coefs[1], grads[1])] if wanted[1] else [])]
+    by_source = [
+        (x, [(coefs[i], grads[i]) for i in (0, 2) if wanted[i]]),
+        (dout, [(coefs[1], grads[1])] if wanted[1] else []),
+    ]
     launches = [(src, pairs) for src, pairs in by_source if pairs and grid > 0]
     for i, (src, pairs) in enumerate(launches):
         (c, out), (c2, out2) = pairs[0], pairs[-1]

@@ -381,14 +381,16 @@ class Checkpointer:
         ``_finish``'s two renames); drop those that were replaced."""
         if not self.info.is_main or not self.root.is_dir():
             return
-        for old in self.root.glob(".old_step_*"):
+        leftovers = list(self.root.glob(".old_step_*"))
+        for old in leftovers:
             final = self.root / old.name[len(".old_") :]
             if final.exists() or not (old / MARKER).is_file():
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(old, final)
                 log.warning("restored checkpoint %s (left aside by an interrupted save)", final)
-        _fsync_path(self.root)
+        if leftovers:  # the folder changed: make it durable (nothing to sync on every other call)
+            _fsync_path(self.root)
 
     def set_aside_newer(self, step: int, also: list[Path]) -> Path | None:
         """Resuming from ``step`` while newer checkpoints exist (a rollback): move them, with copies of the

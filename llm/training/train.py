@@ -224,7 +224,9 @@ class Loop:
             total += loss.detach().float()
         distributed.average_table_grads(self.sparse_tables)
         norm = clip_grad_norm([p for p in self.model.parameters() if p.grad is not None], self.tc.grad_clip)
-        grad_norm = float(norm)  # the step's one host sync: all ranks see the same all-reduced norm
+        # the step's host sync (with sparse_adam under DDP also the tables' row counts, above): all ranks
+        # see the same all-reduced norm
+        grad_norm = float(norm)
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
